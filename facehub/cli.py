@@ -1,0 +1,108 @@
+"""Command line: argument parsing only; each command hands off to its module."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+
+from . import __version__
+from .config import ConfigError, load
+
+COMPONENT_NAMES = ("detector", "forwarder", "logger", "saver")
+log = logging.getLogger("facehub")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="facehub", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"facehub {__version__}")
+    parser.add_argument("-c", "--config", help="TOML config file (default: $FACEHUB_CONFIG)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for name in COMPONENT_NAMES:
+        commands.add_parser(name, help=f"run the {name} alone in the foreground")
+
+    run = commands.add_parser("run", help="run a role's components under the supervisor")
+    run.add_argument("role", choices=("edge", "cloud"))
+    run.add_argument("--daemon", action="store_true", help="detach into the background")
+    run.add_argument("--pidfile", help="pid file (with --daemon)")
+    run.add_argument("--logfile", help="log file (with --daemon; default: syslog-less stderr drop)")
+
+    health = commands.add_parser("health", help="exit 0 when the supervised role is healthy, 1 when not")
+    health.add_argument("--json", action="store_true", help="print the whole status as JSON")
+
+    config = commands.add_parser("config", help="configuration tools")
+    config.add_argument("action", choices=("check",), help="validate and print the effective configuration")
+
+    detect = commands.add_parser("detect", help="print the faces found in images, one JSON line each")
+    detect.add_argument("images", nargs="+")
+
+    bench = commands.add_parser("bench", help="measure detector and pipeline speed")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+
+    commands.add_parser("demo", help="run the whole pipeline on the built-in sample")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        from . import bench
+        return bench.main(args.bench_args, config_path=args.config)
+    if args.command == "demo":
+        from . import demo
+        return demo.main()
+    try:
+        config = load(args.config)
+    except ConfigError as error:
+        print(f"facehub: invalid configuration: {error}", file=sys.stderr)
+        return 2
+    setup_logging(config.log_level)
+
+    if args.command == "config":
+        print(json.dumps(config.to_dict(mask_secrets=True), indent=2, sort_keys=True))
+        return 0
+    if args.command == "health":
+        from . import health
+        return health.main(config, as_json=args.json)
+    if args.command == "detect":
+        from . import detector
+        return detector.detect_command(config, args.images)
+    if args.command == "run":
+        from . import supervisor
+        return supervisor.main(config, args.role, daemon=args.daemon, pidfile=args.pidfile,
+                               logfile=args.logfile)
+    return run_foreground(config, args.command)
+
+
+def run_foreground(config, name: str) -> int:
+    """Run one component in this process until SIGINT/SIGTERM."""
+    from .runtime import Runtime
+    from .supervisor import component_target
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    runtime = Runtime(name, stop=stop, state_dir=config.supervisor.state_dir)
+    try:
+        component_target(name)(config, runtime)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        runtime.flush()
+    return 0
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,124 @@
+"""The one place that builds paho-mqtt clients.
+
+Every component talks MQTT v5 through a client made by :func:`make_client` and
+started by :func:`start`, so TLS, credentials, stable client ids, persistent
+sessions and reconnect backoff are configured the same way everywhere.
+
+Persistent sessions matter for zero loss: with a stable client id, clean start
+off and a session expiry interval, QoS 1 messages that arrive while a consumer
+restarts are queued by the broker and delivered when it comes back.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from .config import BrokerConfig
+
+log = logging.getLogger(__name__)
+
+
+def make_client(broker: BrokerConfig, client_id: str, manual_ack: bool = False) -> paho.Client:
+    """A configured, not yet connected MQTT v5 client.
+
+    ``broker.client_id`` wins over ``client_id`` so a deployment can pin it.
+    With ``manual_ack`` the caller acknowledges each QoS>0 message itself
+    (``client.ack(mid, qos)``) once the message is safe downstream.
+    """
+    client = paho.Client(
+        callback_api_version=CallbackAPIVersion.VERSION2,
+        client_id=broker.client_id or client_id,
+        protocol=MQTTProtocolVersion.MQTTv5,
+        manual_ack=manual_ack,
+    )
+    if broker.username:
+        client.username_pw_set(broker.username, broker.password or None)
+    if broker.tls:
+        client.tls_set(
+            ca_certs=broker.ca_file or None,
+            certfile=broker.cert_file or None,
+            keyfile=broker.key_file or None,
+            cert_reqs=ssl.CERT_REQUIRED,
+        )
+        client.tls_insecure_set(broker.tls_insecure)
+    client.reconnect_delay_set(min_delay=max(1, int(broker.reconnect_min)),
+                               max_delay=max(1, int(broker.reconnect_max)))
+    client.max_inflight_messages_set(100)
+    client.max_queued_messages_set(0)
+    return client
+
+
+def connect_properties(broker: BrokerConfig) -> Properties:
+    props = Properties(PacketTypes.CONNECT)
+    if broker.session_expiry:
+        props.SessionExpiryInterval = broker.session_expiry
+    return props
+
+
+def start(client: paho.Client, broker: BrokerConfig, persistent: bool = True) -> None:
+    """Connect in the background and keep reconnecting with backoff.
+
+    Never raises for an unreachable broker: paho's network thread retries, and
+    ``on_connect``/``on_disconnect`` callbacks log each transition.
+    """
+    client.connect_async(
+        broker.host,
+        broker.port,
+        keepalive=broker.keepalive,
+        clean_start=not persistent,
+        properties=connect_properties(broker) if persistent else None,
+    )
+    client.loop_start()
+
+
+def stop(client: paho.Client) -> None:
+    try:
+        client.disconnect()
+    finally:
+        client.loop_stop()
+
+
+class ConnectionState:
+    """Tracks whether a client is connected, logging each change once.
+
+    Install with ``state.attach(client, name)``; ``connected`` is a
+    :class:`threading.Event` other threads can wait on.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self.connected = threading.Event()
+        self.connects = 0
+        self.disconnects = 0
+
+    def attach(self, client: paho.Client) -> None:
+        previous_connect = client.on_connect
+        previous_disconnect = client.on_disconnect
+
+        def on_connect(client, userdata, flags, reason_code, properties):
+            if reason_code.is_failure:
+                log.warning("%s: broker refused connection: %s", self.name, reason_code)
+            else:
+                self.connects += 1
+                self.connected.set()
+                log.info("%s: connected (session present: %s)", self.name, flags.session_present)
+            if previous_connect:
+                previous_connect(client, userdata, flags, reason_code, properties)
+
+        def on_disconnect(client, userdata, flags, reason_code, properties):
+            if self.connected.is_set():
+                self.disconnects += 1
+                log.warning("%s: disconnected: %s; reconnecting with backoff", self.name, reason_code)
+            self.connected.clear()
+            if previous_disconnect:
+                previous_disconnect(client, userdata, flags, reason_code, properties)
+
+        client.on_connect = on_connect
+        client.on_disconnect = on_disconnect

@@ -1,0 +1,107 @@
+"""What a running component is handed: a stop event, a heartbeat and counters.
+
+A component is one callable ``run(config, runtime)`` that works until
+``runtime.stop`` is set. The same component runs in the foreground
+(``facehub detector``) or as a supervised child process (``facehub run edge``);
+only the runtime differs. Components call :meth:`Runtime.beat` from their main
+loop: it proves to the supervisor that the loop is not stuck, and it publishes
+the component's counters to a small JSON file that ``facehub health`` and the
+demo read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger(__name__)
+
+STATS_SUFFIX = ".stats.json"
+
+
+class Runtime:
+    """The services a component may use, independent of how it is run."""
+
+    def __init__(self, name: str, stop: threading.Event | Any | None = None,
+                 state_dir: str | os.PathLike | None = None,
+                 heartbeat: Any | None = None, flush_interval: float = 1.0):
+        self.name = name
+        self.stop = stop if stop is not None else threading.Event()
+        self.stats: Counter[str] = Counter()
+        self.gauges: dict[str, Any] = {}
+        self._heartbeat = heartbeat
+        self._lock = threading.Lock()
+        self._flush_interval = flush_interval
+        self._last_flush = 0.0
+        self._stats_path = Path(state_dir) / f"{name}{STATS_SUFFIX}" if state_dir else None
+
+    def count(self, key: str, amount: int = 1) -> None:
+        """Add to a counter (thread-safe): faces published, rejected, dropped..."""
+        with self._lock:
+            self.stats[key] += amount
+
+    def gauge(self, key: str, value: Any) -> None:
+        """Set a point-in-time value, such as the spool depth."""
+        with self._lock:
+            self.gauges[key] = value
+
+    def beat(self) -> None:
+        """Say "still working" and flush counters at most once per interval."""
+        now = time.time()
+        if self._heartbeat is not None:
+            self._heartbeat.value = now
+        if self._stats_path and now - self._last_flush >= self._flush_interval:
+            self.flush(now)
+
+    def flush(self, now: float | None = None) -> None:
+        """Write the counters to ``<state_dir>/<name>.stats.json`` atomically."""
+        if not self._stats_path:
+            return
+        now = now or time.time()
+        self._last_flush = now
+        with self._lock:
+            data = {"name": self.name, "pid": os.getpid(), "updated": now,
+                    "counters": dict(self.stats), "gauges": dict(self.gauges)}
+        try:
+            write_json_atomic(self._stats_path, data)
+        except OSError as error:
+            log.warning("cannot write stats to %s: %s", self._stats_path, error)
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds`` unless stopped; True when stop was requested."""
+        return self.stop.wait(seconds)
+
+    def run_until_stopped(self, tick: Callable[[], None] | None = None, interval: float = 0.5) -> None:
+        """Beat (and call ``tick``) every ``interval`` until stopped; for callback-driven components."""
+        while not self.stop.is_set():
+            if tick:
+                tick()
+            self.beat()
+            self.stop.wait(interval)
+        self.flush()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Replace ``path`` with ``data`` as JSON so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read_stats(state_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """Every component's last flushed counters in ``state_dir``, by name."""
+    result = {}
+    for path in sorted(Path(state_dir).glob(f"*{STATS_SUFFIX}")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        result[data.get("name", path.name[: -len(STATS_SUFFIX)])] = data
+    return result

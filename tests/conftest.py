@@ -1,0 +1,61 @@
+"""Shared fixtures: real brokers, a real S3 endpoint, the shared face photos."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from servers import S3_ENV, Mosquitto, MotoS3, make_bucket  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("FACEHUB_SHARED", ROOT.parent / "shared"))
+FACES = SHARED / "faces"
+YUNET_MODEL = SHARED / "models" / "face_detection_yunet.onnx"
+
+
+@pytest.fixture
+def broker_factory(tmp_path):
+    """Start any number of real mosquitto brokers; all are stopped at the end."""
+    started = []
+
+    def start(name: str = "broker", extra: str = "", **kwargs) -> Mosquitto:
+        broker = Mosquitto(tmp_path / name, extra=extra, **kwargs).start()
+        started.append(broker)
+        return broker
+
+    yield start
+    for broker in started:
+        broker.kill()
+
+
+@pytest.fixture
+def broker(broker_factory):
+    return broker_factory("broker")
+
+
+@pytest.fixture
+def s3_server(tmp_path, monkeypatch):
+    """moto's S3 server on a free port with credentials in the environment."""
+    for key, value in S3_ENV.items():
+        monkeypatch.setenv(key, value)
+    server = MotoS3(tmp_path / "s3").start(timeout=30)
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    make_bucket(s3_server.endpoint_url, "faces")
+    return "faces"
+
+
+@pytest.fixture(scope="session")
+def shared_faces() -> Path:
+    if not (FACES / "training.xml").is_file():
+        pytest.skip(f"shared face photos not found at {FACES}")
+    return FACES

@@ -1,0 +1,173 @@
+"""Real servers for tests: mosquitto brokers and moto's S3 server on free ports.
+
+Tests talk to the real thing, started here as child processes on 127.0.0.1 and
+stopped when the test ends. Each server can be stopped and started again on
+the same port, which the fault tests use to cut a hop and restore it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 10.0, interval: float = 0.05,
+             message: str = "condition") -> object:
+    """Poll ``predicate`` until it returns something truthy, or fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class Server:
+    """A child process listening on one port; start/stop/kill keep the port."""
+
+    def __init__(self, name: str, workdir: Path, host: str = "127.0.0.1", port: int | None = None,
+                 netns: str | None = None):
+        self.name = name
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.host = host
+        self.port = port or free_port(host)
+        self.netns = netns
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.workdir / f"{name}.log"
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self, timeout: float = 15.0) -> "Server":
+        cmd = self.command()
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns] + cmd
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.workdir,
+                                     start_new_session=True)
+        log.close()
+        wait_for(self._ready, timeout, message=f"{self.name} on port {self.port}")
+        return self
+
+    def _ready(self) -> bool:
+        if self.proc and self.proc.poll() is not None:
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: "
+                               f"{self.log_path.read_text()[-2000:]}")
+        if self.netns:
+            probe = subprocess.run(["ip", "netns", "exec", self.netns, sys.executable, "-c",
+                                    f"import socket; socket.create_connection(('{self.host}', {self.port}), 0.2)"],
+                                   capture_output=True)
+            return probe.returncode == 0
+        return port_open(self.host, self.port)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        if not self.proc or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    @property
+    def running(self) -> bool:
+        return bool(self.proc and self.proc.poll() is None)
+
+
+class Mosquitto(Server):
+    """A real mosquitto broker. ``extra`` lines are appended to its configuration."""
+
+    def __init__(self, workdir: Path, extra: str = "", persistence: bool = True, **kwargs):
+        super().__init__("mosquitto", workdir, **kwargs)
+        self.extra = extra
+        self.persistence = persistence
+        self.conf_path = self.workdir / "mosquitto.conf"
+
+    def command(self) -> list[str]:
+        lines = [
+            f"listener {self.port} {self.host}",
+            "allow_anonymous true",
+            "max_queued_messages 100000",
+            "max_inflight_messages 100",
+            "log_dest stdout",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+        ]
+        if self.persistence:
+            lines += ["persistence true", f"persistence_location {self.workdir}/",
+                      "autosave_interval 1"]
+        self.conf_path.write_text("\n".join(lines) + "\n" + self.extra + "\n")
+        return [MOSQUITTO, "-c", str(self.conf_path)]
+
+
+class MotoS3(Server):
+    """moto's S3 server, a real HTTP S3 endpoint, as s3fs's own test suite uses."""
+
+    def __init__(self, workdir: Path, **kwargs):
+        super().__init__("moto-s3", workdir, **kwargs)
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)]
+
+    @property
+    def endpoint_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+          "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def make_bucket(endpoint_url: str, bucket: str) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint_url, region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    client.create_bucket(Bucket=bucket)
+
+
+def list_objects(endpoint_url: str, bucket: str, prefix: str = "") -> dict[str, dict]:
+    """Every object under ``prefix``: key -> {"size", "metadata"}."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint_url, region_name="us-east-1",
+                          aws_access_key_id="testing", aws_secret_access_key="testing")
+    result = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            result[item["Key"]] = {"size": item["Size"]}
+    return result
