@@ -1,0 +1,47 @@
+"""Tiny components with known behaviour for the supervisor tests."""
+
+import logging
+import os
+import time
+
+log = logging.getLogger("test-component")
+
+
+def steady(config, runtime):
+    """Works and beats until stopped; logs its pid once so tests can see tagging."""
+    log.info("steady component up in pid %d", os.getpid())
+    runtime.count("started")
+    runtime.run_until_stopped(interval=0.1)
+
+
+def finishes(config, runtime):
+    """Does its job and returns: a clean exit that must not be restarted."""
+    runtime.beat()
+
+
+def crashes(config, runtime):
+    """Fails straight away, every time."""
+    runtime.beat()
+    raise RuntimeError("boom")
+
+
+def hangs_after_start(config, runtime):
+    """Beats for a moment, then stops beating while staying alive (a stuck loop)."""
+    marker = os.path.join(config.supervisor.state_dir, "hang-starts")
+    with open(marker, "a") as handle:
+        handle.write(f"{os.getpid()}\n")
+    for _ in range(5):
+        runtime.beat()
+        time.sleep(0.1)
+    while True:
+        time.sleep(1)
+
+
+def ignores_stop(config, runtime):
+    """Beats forever and ignores the stop request: only SIGKILL ends it."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    while True:
+        runtime.beat()
+        time.sleep(0.1)

@@ -1,0 +1,210 @@
+"""The real supervisor in a real process: restarts, clean exits, stuck children, signals, health."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from facehub import health
+from facehub.supervisor import EXIT_FATAL
+from servers import wait_for
+
+TESTS = Path(__file__).parent
+ROOT = TESTS.parent
+FAST_POLICY = {
+    "FACEHUB_SUPERVISOR_BACKOFF_MIN": "0.2",
+    "FACEHUB_SUPERVISOR_BACKOFF_MAX": "0.5",
+    "FACEHUB_SUPERVISOR_STARTSECS": "0.3",
+    "FACEHUB_SUPERVISOR_STATUS_INTERVAL": "0.2",
+    "FACEHUB_SUPERVISOR_HEARTBEAT_TIMEOUT": "2",
+    "FACEHUB_SUPERVISOR_STOP_TIMEOUT": "3",
+}
+
+
+class SupervisorProcess:
+    def __init__(self, state_dir: Path, children: list[str], env: dict[str, str] | None = None,
+                 extra_args: list[str] | None = None):
+        self.state_dir = state_dir
+        self.log_path = state_dir.parent / "supervisor.log"
+        full_env = {**os.environ, **FAST_POLICY, **(env or {}), "PYTHONPATH": str(ROOT)}
+        if "NOTIFY_SOCKET" not in (env or {}):
+            full_env.pop("NOTIFY_SOCKET", None)
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(TESTS / "supervised.py"), str(state_dir), *children, *(extra_args or [])],
+            stdout=self.log, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
+
+    def status(self) -> dict:
+        try:
+            return json.loads((self.state_dir / "supervisor-test.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def child(self, name: str) -> dict:
+        return self.status().get("children", {}).get(name, {})
+
+    def output(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(20)
+        finally:
+            self.log.close()
+
+
+@pytest.fixture
+def start(tmp_path):
+    started = []
+
+    def _start(*children: str, env=None, extra_args=None) -> SupervisorProcess:
+        proc = SupervisorProcess(tmp_path / "state", list(children), env, extra_args)
+        started.append(proc)
+        return proc
+
+    yield _start
+    for proc in started:
+        if proc.proc.poll() is None:
+            proc.proc.kill()
+            proc.proc.wait()
+
+
+def running(sup: SupervisorProcess, name: str) -> int | None:
+    child = sup.child(name)
+    return child.get("pid") if child.get("state") == "RUNNING" else None
+
+
+def test_killed_child_is_restarted_and_health_follows(start):
+    sup = start("a=components:steady", "b=components:steady")
+    first_pid = wait_for(lambda: running(sup, "a"), 20, message="a running")
+    wait_for(lambda: running(sup, "b"), 20, message="b running")
+    assert health.check(str(sup.state_dir))[0]
+
+    os.kill(first_pid, signal.SIGKILL)
+    new_pid = wait_for(lambda: (running(sup, "a") or 0) not in (0, first_pid) and running(sup, "a"),
+                       20, message="a restarted")
+    assert new_pid != first_pid
+    assert sup.child("a")["restarts"] == 1
+    assert sup.child("b")["restarts"] == 0
+    wait_for(lambda: health.check(str(sup.state_dir))[0], 10, message="healthy again")
+    assert sup.stop() == 0
+
+
+def test_sigterm_stops_all_children_cleanly(start):
+    sup = start("a=components:steady", "b=components:steady")
+    pids = [wait_for(lambda n=n: running(sup, n), 20, message=f"{n} running") for n in ("a", "b")]
+    started = time.monotonic()
+    assert sup.stop() == 0
+    assert time.monotonic() - started < 10
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    final = sup.status()
+    assert {c["state"] for c in final["children"].values()} == {"STOPPED"}
+    assert "steady component up" in sup.output() and " a INFO" in sup.output()
+
+
+def test_child_ignoring_stop_is_killed_after_timeout(start):
+    sup = start("stubborn=components:ignores_stop", env={"FACEHUB_SUPERVISOR_STOP_TIMEOUT": "1"})
+    pid = wait_for(lambda: running(sup, "stubborn"), 20, message="stubborn running")
+    assert sup.stop() == 0
+    assert "did not stop within" in sup.output()
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), 5, message="stubborn child gone")
+
+
+def test_clean_exit_is_not_restarted(start):
+    sup = start("done=components:finishes", "a=components:steady")
+    wait_for(lambda: sup.child("done").get("state") == "EXITED", 20, message="done EXITED")
+    wait_for(lambda: running(sup, "a"), 20, message="a running")
+    assert sup.child("done")["restarts"] == 0
+    assert health.check(str(sup.state_dir))[0]
+    assert sup.stop() == 0
+
+
+def test_stuck_child_is_restarted(start):
+    sup = start("stuck=components:hangs_after_start")
+    marker = sup.state_dir / "hang-starts"
+    wait_for(lambda: marker.exists() and len(marker.read_text().split()) >= 2, 30,
+             message="stuck child started twice")
+    assert "is stuck (no heartbeat" in sup.output()
+    assert sup.stop() == 0
+
+
+def test_crash_loop_turns_fatal_and_exits_nonzero(start):
+    sup = start("bad=components:crashes", "a=components:steady",
+                env={"FACEHUB_SUPERVISOR_MAX_RESTARTS": "2"})
+    assert sup.proc.wait(60) == EXIT_FATAL
+    assert sup.child("bad")["state"] == "FATAL"
+    assert "bad failed 3 times" in sup.output()
+    assert "RuntimeError: boom" in sup.output()
+    ok, reason, _ = health.check(str(sup.state_dir))
+    assert not ok and "not running" in reason
+
+
+def test_health_command_exit_codes(start, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FACEHUB_SUPERVISOR_STATE_DIR": str(tmp_path / "state")}
+    command = [sys.executable, "-m", "facehub.cli", "health"]
+    missing = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert missing.returncode == 1 and "no supervisor status" in missing.stdout
+
+    sup = start("a=components:steady")
+    wait_for(lambda: running(sup, "a"), 20, message="a running")
+    healthy = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert healthy.returncode == 0, healthy.stdout
+    assert healthy.stdout.startswith("healthy:")
+
+    sup.proc.kill()
+    sup.proc.wait()
+    dead = subprocess.run(command, env=env, capture_output=True, text=True)
+    assert dead.returncode == 1 and "not running" in dead.stdout
+
+
+def test_sd_notify_messages(start, tmp_path):
+    address = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.settimeout(20)
+    sup = start("a=components:steady", env={"NOTIFY_SOCKET": address})
+    seen: list[str] = []
+
+    def receive_until(message: str) -> None:
+        while message not in seen:
+            seen.append(sock.recv(4096).decode())
+
+    receive_until("READY=1")
+    receive_until("WATCHDOG=1")
+    assert any(m.startswith("STATUS=") for m in seen)
+    sup.stop()
+    receive_until("STOPPING=1")
+    sock.close()
+
+
+def test_daemon_starts_despite_stale_pidfile(start, tmp_path):
+    pidfile = tmp_path / "facehub.pid"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    pidfile.write_text(f"{dead.pid}\n")
+    logfile = tmp_path / "daemon.log"
+    launcher = start("a=components:steady",
+                     extra_args=["--daemon", "--pidfile", str(pidfile), "--logfile", str(logfile)])
+    assert launcher.proc.wait(20) == 0  # the launching process returns once detached
+    daemon_pid = wait_for(lambda: pidfile.exists() and (pidfile.read_text().split() or [None])[0], 20,
+                          message="pid file rewritten")
+    daemon_pid = int(daemon_pid)
+    assert daemon_pid != dead.pid
+    try:
+        wait_for(lambda: running(launcher, "a"), 20, message="daemon's child running")
+        assert "removed stale pid file" in launcher.output()
+    finally:
+        os.kill(daemon_pid, signal.SIGTERM)
+    wait_for(lambda: not Path(f"/proc/{daemon_pid}").exists(), 20, message="daemon exited")
+    assert not pidfile.exists()
