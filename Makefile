@@ -1,0 +1,43 @@
+# FaceHub: `make demo` runs the pipeline end to end, `make test` runs the tests.
+# Both set up what they need on a fresh Debian machine (apt packages, a venv in .venv).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+UV_VERSION := 0.13.9
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_PACKAGES := mosquitto mosquitto-clients python3-venv iproute2
+
+.PHONY: demo test test-fast test-containers bench lint deploy deploy-edge deploy-cloud \
+        system-deps venv lock clean
+
+demo: system-deps venv            ## run detector -> brokers -> saver on the built-in clip
+	$(PY) -m facehub.cli demo
+
+test: system-deps venv            ## the whole test suite (real brokers, S3, OpenCV, chaos)
+	$(PY) -m pytest -q
+
+test-fast: venv                   ## everything but the slow chaos scenario
+	$(PY) -m pytest -q -m "not slow"
+
+bench: system-deps venv           ## speed and quality figures (facehub bench)
+	$(PY) -m facehub.cli bench
+
+system-deps:                      ## Debian packages the pipeline and tests use
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; fi
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml requirements/constraints.txt requirements/test.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q "uv==$(UV_VERSION)"
+	$(VENV)/bin/uv pip install --python $(PY) -q -c requirements/constraints.txt -e . -r requirements/test.txt
+	touch $@
+
+lock:                             ## re-pin every dependency (needs the registry)
+	$(VENV)/bin/uv pip compile -q -o requirements/constraints.txt setup.cfg requirements/test.txt
+
+clean:
+	rm -rf $(VENV) demo-out build *.egg-info

@@ -1,0 +1,160 @@
+"""``make demo``: the whole pipeline on one machine, on the built-in sample clip.
+
+Two real mosquitto brokers (edge and cloud, each on its own free port), the
+edge role (detector + forwarder + logger) reading the sample clip once, and the
+cloud role (saver) writing into ``./demo-out``. When every published face is
+stored, or after a deadline, it prints what each stage counted and stops
+everything it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .runtime import read_stats
+
+DEADLINE_SECONDS = 180
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_mosquitto(workdir: Path, port: int) -> subprocess.Popen:
+    """A throwaway broker on 127.0.0.1:port, persistence in ``workdir``."""
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not os.path.exists(binary):
+        sys.exit("mosquitto is not installed: run 'make demo' (it installs Debian's mosquitto) "
+                 "or 'apt-get install mosquitto'")
+    workdir.mkdir(parents=True, exist_ok=True)
+    conf = workdir / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
+                    f"persistence_location {workdir}/\nlog_dest file {workdir}/mosquitto.log\n")
+    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            return proc
+        except OSError:
+            if proc.poll() is not None:
+                sys.exit(f"mosquitto failed to start on port {port}; see {workdir}/mosquitto.log")
+            time.sleep(0.05)
+    sys.exit(f"mosquitto did not listen on port {port} within 10s")
+
+
+def counter(stats: dict, component: str, key: str) -> int:
+    """Sum a counter over a component's instances (saver-1, saver-2...)."""
+    return sum(data.get("counters", {}).get(key, 0) for name, data in stats.items()
+               if name == component or name.startswith(component + "-"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="facehub demo", description=__doc__)
+    parser.add_argument("--out", default="demo-out", help="folder the saver writes into")
+    parser.add_argument("--source", help="video to use instead of the built-in sample clip")
+    args = parser.parse_args(argv)
+    from .detector import SAMPLE_CLIP
+
+    out = Path(args.out).resolve()
+    work = Path(tempfile.mkdtemp(prefix="facehub-demo-"))
+    edge_port, cloud_port = free_port(), free_port()
+    print(f"demo: edge broker 127.0.0.1:{edge_port}, cloud broker 127.0.0.1:{cloud_port}, "
+          f"work folder {work}", flush=True)
+    brokers = [start_mosquitto(work / "edge-broker", edge_port),
+               start_mosquitto(work / "cloud-broker", cloud_port)]
+    env = {
+        **os.environ,
+        "FACEHUB_DEVICE_ID": "demo-cam",
+        "FACEHUB_LOCAL_PORT": str(edge_port),
+        "FACEHUB_CLOUD_PORT": str(cloud_port),
+        "FACEHUB_DETECTOR_SOURCE": str(args.source or SAMPLE_CLIP),
+        "FACEHUB_DETECTOR_LOOP": "false",
+        "FACEHUB_FORWARDER_SPOOL_PATH": str(work / "spool.db"),
+        "FACEHUB_SAVER_URL": str(out),
+    }
+    roles = {
+        "cloud": subprocess.Popen([sys.executable, "-m", "facehub.cli", "run", "cloud"],
+                                  env={**env, "FACEHUB_SUPERVISOR_STATE_DIR": str(work / "cloud")}),
+        "edge": subprocess.Popen([sys.executable, "-m", "facehub.cli", "run", "edge"],
+                                 env={**env, "FACEHUB_SUPERVISOR_STATE_DIR": str(work / "edge")}),
+    }
+    try:
+        stats = wait_until_stored(work, roles)
+    finally:
+        for proc in roles.values():
+            proc.send_signal(signal.SIGTERM)
+        for proc in roles.values():
+            proc.wait(30)
+        for proc in brokers:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(10)
+    stats = {**read_stats(work / "edge"), **read_stats(work / "cloud")}
+    return summarise(stats, out)
+
+
+def wait_until_stored(work: Path, roles: dict[str, subprocess.Popen]) -> dict:
+    """Poll the components' counters until the clip is done and every published face is stored."""
+    deadline = time.monotonic() + DEADLINE_SECONDS
+    while time.monotonic() < deadline:
+        for name, proc in roles.items():
+            if proc.poll() is not None:
+                print(f"demo: the {name} supervisor exited early with code {proc.returncode}")
+                return {}
+        stats = {**read_stats(work / "edge"), **read_stats(work / "cloud")}
+        published = counter(stats, "detector", "faces_published")
+        detector_done = child_state(work / "edge" / "supervisor-edge.json", "detector") == "EXITED"
+        if detector_done and published and counter(stats, "saver", "stored") + \
+                counter(stats, "saver", "duplicates") >= published:
+            return stats
+        time.sleep(0.5)
+    print(f"demo: gave up waiting after {DEADLINE_SECONDS}s")
+    return {}
+
+
+def child_state(status_path: Path, name: str) -> str:
+    try:
+        return json.loads(status_path.read_text())["children"][name]["state"]
+    except (OSError, ValueError, KeyError):
+        return ""
+
+
+def summarise(stats: dict, out: Path) -> int:
+    detected = counter(stats, "detector", "faces_detected")
+    published = counter(stats, "detector", "faces_published")
+    suppressed = counter(stats, "detector", "faces_suppressed")
+    forwarded = counter(stats, "forwarder", "forwarded")
+    logged = counter(stats, "logger", "logged")
+    stored = counter(stats, "saver", "stored")
+    files = sorted(p for p in out.rglob("*.jpg")) if out.exists() else []
+    print()
+    print(f"frames read          {counter(stats, 'detector', 'frames')}")
+    print(f"faces detected       {detected}")
+    print(f"  suppressed repeats {suppressed}")
+    print(f"faces published      {published}")
+    print(f"faces forwarded      {forwarded}")
+    print(f"faces logged         {logged}")
+    print(f"faces stored         {stored}")
+    print(f"stored under         {out} ({len(files)} .jpg files in total)")
+    for path in files[:3]:
+        print(f"  e.g. {path.relative_to(out.parent)}")
+    ok = published > 0 and stored >= published
+    print("demo: OK, every published face is stored" if ok else "demo: FAILED, see the log above")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
