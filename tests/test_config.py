@@ -1,0 +1,76 @@
+"""Configuration: file + environment overrides, validation errors name the key, secrets masked."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from facehub.config import MASK, ConfigError, load
+
+
+def test_environment_overrides_file(tmp_path):
+    path = tmp_path / "facehub.toml"
+    path.write_text('device_id = "cam-01"\n[detector]\nsource = "video.mp4"\nscale_factor = 1.2\n'
+                    '[cloud]\nport = 8883\n')
+    config = load(path, env={"FACEHUB_DETECTOR_SCALE_FACTOR": "1.05", "FACEHUB_CLOUD_TLS": "true"})
+    assert config.device_id == "cam-01"
+    assert config.detector.source == "video.mp4"
+    assert config.detector.scale_factor == 1.05
+    assert config.cloud.port == 8883 and config.cloud.tls is True
+    assert config.topic == "faces/cam-01"
+
+
+def test_config_file_from_environment(tmp_path):
+    path = tmp_path / "facehub.toml"
+    path.write_text('topic_prefix = "site1/faces"\n')
+    assert load(env={"FACEHUB_CONFIG": str(path)}).topic_filter == "site1/faces/#"
+
+
+@pytest.mark.parametrize("env, key", [
+    ({"FACEHUB_LOCAL_PORT": "abc"}, "local.port"),
+    ({"FACEHUB_LOCAL_PORT": "70000"}, "local.port"),
+    ({"FACEHUB_CLOUD_QOS": "3"}, "cloud.qos"),
+    ({"FACEHUB_DETECTOR_BACKEND": "magic"}, "detector.backend"),
+    ({"FACEHUB_DETECTOR_BACKEND": "yunet"}, "detector.model_path"),
+    ({"FACEHUB_DEVICE_ID": "a/b"}, "device_id"),
+    ({"FACEHUB_TOPIC_PREFIX": "faces/#"}, "topic_prefix"),
+    ({"FACEHUB_SAVER_SHARE_GROUP": "a/b"}, "saver.share_group"),
+    ({"FACEHUB_NO_SUCH_THING": "1"}, "FACEHUB_NO_SUCH_THING"),
+    ({"FACEHUB_FORWARDER_FSYNC": "sometimes"}, "forwarder.fsync"),
+])
+def test_invalid_values_name_their_key(env, key):
+    with pytest.raises(ConfigError) as error:
+        load(env=env)
+    assert key in str(error.value)
+
+
+def test_invalid_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[detector\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(bad, env={})
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("[detector]\nsauce = 1\n")
+    with pytest.raises(ConfigError, match="detector.sauce: unknown setting"):
+        load(unknown, env={})
+    with pytest.raises(ConfigError, match="not found"):
+        load(tmp_path / "missing.toml", env={})
+
+
+def test_config_check_prints_masked_secrets():
+    env = {"FACEHUB_CLOUD_PASSWORD": "hunter2", "FACEHUB_SAVER_SECRET": "s3cr3t", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-m", "facehub.cli", "config", "check"], env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["cloud"]["password"] == MASK and data["saver"]["secret"] == MASK
+    assert "hunter2" not in result.stdout and "s3cr3t" not in result.stdout
+
+
+def test_config_check_reports_bad_key():
+    env = {"FACEHUB_DETECTOR_JPEG_QUALITY": "101", "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-m", "facehub.cli", "config", "check"], env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "detector.jpeg_quality" in result.stderr
