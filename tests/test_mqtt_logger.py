@@ -55,8 +55,11 @@ def test_logger_logs_each_face(broker, tmp_path):
         assert connected.connected.wait(10)
         # The logger subscribes after connecting: probe with malformed messages until it sees one,
         # so that the faces below are all published after its subscription exists.
-        wait_for(lambda: publisher.publish("faces/cam-1", b"probe", 1).wait_for_publish(5)
-                 and runtime.stats["malformed"] > 0, 15, interval=0.2, message="logger subscribed")
+        def probe() -> bool:
+            publisher.publish("faces/cam-1", b"probe", 1).wait_for_publish(5)
+            return runtime.stats["malformed"] > 0
+
+        wait_for(probe, 15, interval=0.2, message="logger subscribed")
         for i in range(20):
             face = messages.Face(JPEG, "cam-1", face_id=f"face-{i}")
             publisher.publish("faces/cam-1", JPEG, 1, properties=face.properties()).wait_for_publish(5)
