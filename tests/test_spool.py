@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from facehub import messages
-from facehub.spool import Record, Spool, SpoolError, pack_properties, unpack_properties
+from facehub.spool import Record, Spool, SpoolError, entry_size, pack_properties, unpack_properties
 
 
 def face_record(n: int, size: int = 100) -> Record:
@@ -36,14 +36,24 @@ def test_entries_come_back_with_topic_payload_and_properties(tmp_path):
     assert messages.parse(entry.topic, entry.payload, props, 10_000) == face
 
 
-def test_hop_properties_are_not_stored():
+def test_every_publish_property_round_trips_except_hop_ones():
     face = messages.Face(image=b"\xff\xd8\xff", device_id="cam1")
     props = face.properties()
+    props.UserProperty = [("note", "Zoë ✓")]
+    props.PayloadFormatIndicator = 0
+    props.MessageExpiryInterval = 3600
+    props.ResponseTopic = "replies/cam1"
+    props.CorrelationData = b"\x00\xffbinary"
+    expected = props.pack()
     props.TopicAlias = 3
+    props.SubscriptionIdentifier = 7
     restored = unpack_properties(pack_properties(props))
-    assert not hasattr(restored, "TopicAlias")
-    assert restored.UserProperty == props.UserProperty
-    assert unpack_properties(pack_properties(None)).names  # an empty, usable Properties
+    assert not hasattr(restored, "TopicAlias") and not hasattr(restored, "SubscriptionIdentifier")
+    for name in ("ContentType", "UserProperty", "PayloadFormatIndicator", "MessageExpiryInterval",
+                 "ResponseTopic", "CorrelationData"):
+        assert getattr(restored, name) == getattr(props, name), name
+    assert restored.pack() == expected
+    assert unpack_properties(pack_properties(None)).isEmpty()
 
 
 def test_claim_hands_out_oldest_first_and_never_twice(tmp_path):
@@ -82,8 +92,7 @@ def test_reopen_keeps_everything_not_acknowledged(tmp_path):
         assert spool.depth == 15
         # claimed-but-unacknowledged entries are pending again, in order
         assert [e.id for e in spool.claim(100)] == ids[5:]
-        assert spool.bytes == sum(len(r.payload) + len(r.topic) + len(r.properties)
-                                  for r in [face_record(n) for n in range(5, 20)])
+        assert spool.bytes == sum(entry_size(face_record(n)) for n in range(5, 20))
 
 
 def _fill_and_die(path: str, fsync: str, ready) -> None:
@@ -143,8 +152,7 @@ def test_full_batch_larger_than_spool_keeps_newest(tmp_path):
 
 
 def test_full_by_bytes_drops_oldest(tmp_path):
-    record = face_record(0, size=1000)
-    size = len(record.payload) + len(record.topic) + len(record.properties)
+    size = entry_size(face_record(0, size=1000))
     with Spool(tmp_path / "spool.db", max_bytes=size * 4 + 10) as spool:
         ids = put_faces(spool, 6, size=1000)
         assert spool.depth == 4 and spool.dropped_total == 2
