@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Install what the deployment checks need on a Debian machine (CI or a developer's):
+#   - Debian packages: podman, runc, debootstrap (make test-containers), mosquitto
+#     and its clients (the broker lockdown test), openssl;
+#   - a venv with the pinned lint tools and Ansible (requirements/lint.txt), at
+#     $FACEHUB_LINT_VENV (default /tmp/lintvenv), where tests/test_deploy_lint.py looks.
+# Safe to run again: it only installs what is missing.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/../.." && pwd)
+venv=${FACEHUB_LINT_VENV:-/tmp/lintvenv}
+packages=(podman runc debootstrap uidmap mosquitto mosquitto-clients openssl ca-certificates python3-venv)
+
+missing=()
+for package in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed" || missing+=("$package")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo=sudo
+    $sudo apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if [ ! -x "$venv/bin/ansible-lint" ] || ! cmp -s "$root/requirements/lint.txt" "$venv/.requirements"; then
+    python=${PYTHON:-python3}
+    if command -v uv >/dev/null 2>&1; then
+        uv venv --allow-existing -p "$python" "$venv" >/dev/null
+        uv pip install --python "$venv/bin/python" -r "$root/requirements/lint.txt"
+    else
+        "$python" -m venv "$venv"
+        "$venv/bin/pip" install -q -r "$root/requirements/lint.txt"
+    fi
+    cp "$root/requirements/lint.txt" "$venv/.requirements"
+fi
+echo "lint tools in $venv/bin: $("$venv/bin/ansible" --version | head -1), $("$venv/bin/hadolint" --version)"

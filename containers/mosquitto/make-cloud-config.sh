@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Make the cloud broker's files for containers/compose.yaml, the same files the
+# mosquitto role makes: a CA and server certificate (openssl), one account per device
+# plus the saver (random passwords, mosquitto_passwd format), the per-device ACL and
+# mosquitto.conf, all rendered from roles/mosquitto/templates.
+#
+#   containers/mosquitto/make-cloud-config.sh OUT_DIR SERVER_NAME DEVICE_ID...
+#
+# Needs openssl and python3 with jinja2 and PyYAML. Prints the passwords once.
+set -euo pipefail
+
+if [ $# -lt 3 ]; then
+    echo "usage: $0 OUT_DIR SERVER_NAME DEVICE_ID..." >&2
+    exit 2
+fi
+out=$1 server=$2
+shift 2
+here=$(cd "$(dirname "$0")" && pwd)
+config="$out/mosquitto"
+private="$out/ca-private"   # the CA key stays out of the broker's folder
+mkdir -p "$config/tls" "$private"
+umask 077
+
+if [ ! -f "$private/ca.key" ]; then
+    openssl req -x509 -new -nodes -newkey ec -pkeyopt ec_paramgen_curve:secp384r1 \
+        -keyout "$private/ca.key" -out "$config/tls/ca.crt" -days 3650 -subj "/CN=FaceHub MQTT CA" \
+        -addext "basicConstraints=critical,CA:TRUE,pathlen:0" -addext "keyUsage=critical,keyCertSign,cRLSign"
+fi
+openssl req -new -nodes -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 \
+    -keyout "$config/tls/server.key" -out "$config/tls/server.csr" -subj "/CN=$server"
+openssl x509 -req -in "$config/tls/server.csr" -CA "$config/tls/ca.crt" -CAkey "$private/ca.key" \
+    -CAserial "$private/ca.srl" -CAcreateserial -out "$config/tls/server.crt" -days 825 \
+    -extfile <(printf 'subjectAltName=DNS:%s,DNS:mosquitto,DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' "$server")
+rm -f "$config/tls/server.csr"
+
+passwords="{"
+for user in saver "$@"; do
+    password=$(openssl rand -hex 16)
+    passwords+="\"$user\": \"$password\","
+    echo "$user: $password"
+done
+passwords="${passwords%,}}"
+devices=$(printf '"%s",' "$@")
+python3 "$here/../ci/render.py" mosquitto "$config" -t mosquitto.conf -t acl -t passwd \
+    -e "mosquitto_devices=[${devices%,}]" -e "mosquitto_passwords=$passwords" >/dev/null
+chmod 0644 "$config/tls/ca.crt" "$config/tls/server.crt" "$config/mosquitto.conf"
+# The broker runs as uid 1883 (the eclipse-mosquitto image's user).
+if [ "$(id -u)" = 0 ]; then
+    chown -R 1883:1883 "$config"
+fi
+echo "broker files in $config; the saver's password goes into containers/.env as FACEHUB_SAVER_PASSWORD" >&2

@@ -1,0 +1,146 @@
+"""Static checks of the deployment: playbooks, roles, YAML, manifests, Dockerfiles.
+
+Each check runs the tool a user or CI would run. The tools live in their own venv
+(containers/ci/install-deps.sh, pinned in requirements/lint.txt; $FACEHUB_LINT_VENV,
+default /tmp/lintvenv) or on PATH; a check whose tool is missing is skipped, and
+.ci/run installs them all so none is skipped there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "containers" / "ci"))
+
+import render  # noqa: E402
+
+LINT_BIN = Path(os.environ.get("FACEHUB_LINT_VENV", "/tmp/lintvenv")) / "bin"
+PLAYBOOKS = sorted((ROOT / "ansible").glob("*.yml"))
+MANIFESTS = sorted((ROOT / "containers" / "k8s").glob("*.yaml"))
+DOCKERFILES = sorted(p for p in (ROOT / "containers").rglob("*")
+                     if p.is_file() and p.name.split(".")[0] in ("Dockerfile", "Containerfile"))
+# The Kubernetes of the pinned K3s release, and the newest the validator knows.
+K8S_VERSIONS = ("1.33.0", "1.37.0")
+
+
+def tool(name: str) -> str:
+    """The path of a lint tool, or skip the test when it is not installed."""
+    candidate = LINT_BIN / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if not found:
+        pytest.skip(f"{name} is not installed (containers/ci/install-deps.sh installs it)")
+    return found
+
+
+def run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, ANSIBLE_CONFIG=str(ROOT / "ansible.cfg"), NO_COLOR="1",
+               PATH=f"{LINT_BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    result = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.mark.parametrize("playbook", PLAYBOOKS, ids=lambda p: p.name)
+def test_playbook_syntax(playbook):
+    run([tool("ansible-playbook"), "--syntax-check", str(playbook.relative_to(ROOT))])
+
+
+def test_playbooks_present():
+    assert {p.name for p in PLAYBOOKS} >= {"site.yml", "edge.yml", "cloud.yml"}
+
+
+def test_ansible_lint_production_profile():
+    result = run([tool("ansible-lint"), "--profile", "production", "--offline", "--nocolor"], timeout=280)
+    assert "Failed" not in result.stdout
+
+
+def test_yamllint():
+    run([tool("yamllint"), "--strict", "."])
+
+
+def test_committed_manifests_are_the_rendered_templates():
+    """containers/k8s/ is the role's templates with its defaults: the two cannot drift."""
+    assert [p.name for p in MANIFESTS] == sorted(render.K8S_TEMPLATES)
+    for path in MANIFESTS:
+        body = render.render("facehub_edge", path.name).split("\n", 1)[1]
+        assert path.read_text() == render.K8S_HEADER + body, \
+            f"{path.name} is stale: run python containers/ci/render.py --k8s"
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_committed_manifests_validate_strictly(version):
+    run([tool("kubernetes-validate"), "--strict", "--kubernetes-version", version, "--quiet",
+         *[str(p) for p in MANIFESTS]])
+
+
+VARIANTS = {
+    "device-plugin-camera": {"facehub_edge_camera_resource": "squat.ai/video"},
+    "file-source": {"facehub_edge_camera_device": "", "facehub_edge_detector_source": "/srv/clip.mp4",
+                    "facehub_edge_host_files": ["/srv/clip.mp4"], "facehub_edge_node_selector": {},
+                    "facehub_edge_extra_env": {"FACEHUB_DETECTOR_LOOP": True}},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_rendered_variants_validate_strictly(variant, tmp_path):
+    """Other settings and the per-device Secret render to valid manifests too."""
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    values = {"facehub_edge_cloud_password": "a-device-password", "facehub_edge_cloud_ca_file": str(ca),
+              **VARIANTS[variant]}
+    paths = []
+    for name in render.templates("facehub_edge"):
+        path = tmp_path / name
+        path.write_text(render.render("facehub_edge", name, values))
+        paths.append(str(path))
+    documents = [doc for path in paths for doc in yaml.safe_load_all(Path(path).read_text()) if doc]
+    secret = next(doc for doc in documents if doc["kind"] == "Secret")
+    assert secret["data"]["password"] == "YS1kZXZpY2UtcGFzc3dvcmQ="
+    run([tool("kubernetes-validate"), "--strict", "--kubernetes-version", K8S_VERSIONS[-1], "--quiet", *paths])
+
+
+def test_edge_pod_is_locked_down():
+    """Probes call `facehub health`; non-root, read-only root, limits, camera mounted."""
+    edge = next(doc for doc in yaml.safe_load_all((ROOT / "containers/k8s/facehub-30-edge.yaml").read_text())
+                if doc and doc["kind"] == "Deployment")
+    pod = edge["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["exec"]["command"] == ["facehub", "health"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert set(container["resources"]) == {"requests", "limits"}
+    assert {"name": "camera", "mountPath": "/dev/video0"} in container["volumeMounts"]
+    assert all("value" not in env for env in container["env"]), "secrets come from a Secret, not inline"
+
+
+@pytest.mark.skipif(not DOCKERFILES, reason="no Dockerfile")
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_hadolint(dockerfile):
+    run([tool("hadolint"), "--config", str(ROOT / ".hadolint.yaml"), str(dockerfile)])
+
+
+def test_no_secrets_in_the_repository():
+    """Nothing that looks like a private key or a filled-in vault is committed."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    for name in tracked:
+        path = ROOT / name
+        if not path.is_file() or path.stat().st_size > 1_000_000:
+            continue
+        text = path.read_text(errors="ignore")
+        assert "PRIVATE KEY-----\nMI" not in text, f"{name} holds a private key"
+        if path.name == "vault.yml":
+            assert text.startswith("$ANSIBLE_VAULT"), f"{name} is not encrypted"
