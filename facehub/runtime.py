@@ -16,13 +16,14 @@ import logging
 import os
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
 STATS_SUFFIX = ".stats.json"
+SAMPLES_KEPT = 10_000
 
 
 class Runtime:
@@ -35,6 +36,7 @@ class Runtime:
         self.stop = stop if stop is not None else threading.Event()
         self.stats: Counter[str] = Counter()
         self.gauges: dict[str, Any] = {}
+        self.samples: dict[str, deque] = {}
         self._heartbeat = heartbeat
         self._lock = threading.Lock()
         self._flush_interval = flush_interval
@@ -50,6 +52,11 @@ class Runtime:
         """Set a point-in-time value, such as the spool depth."""
         with self._lock:
             self.gauges[key] = value
+
+    def observe(self, key: str, value: float) -> None:
+        """Record one measurement (a latency); the last ones are summarised as percentiles."""
+        with self._lock:
+            self.samples.setdefault(key, deque(maxlen=SAMPLES_KEPT)).append(value)
 
     def beat(self) -> None:
         """Say "still working" and flush counters at most once per interval."""
@@ -67,7 +74,8 @@ class Runtime:
         self._last_flush = now
         with self._lock:
             data = {"name": self.name, "pid": os.getpid(), "updated": now,
-                    "counters": dict(self.stats), "gauges": dict(self.gauges)}
+                    "counters": dict(self.stats), "gauges": dict(self.gauges),
+                    "percentiles": {key: percentiles(values) for key, values in self.samples.items()}}
         try:
             write_json_atomic(self._stats_path, data)
         except OSError as error:
@@ -85,6 +93,19 @@ class Runtime:
             self.beat()
             self.stop.wait(interval)
         self.flush()
+
+
+def percentiles(values) -> dict[str, float]:
+    """count, p50, p95, p99 and max of the values (nearest-rank)."""
+    ordered = sorted(values)
+    if not ordered:
+        return {"count": 0}
+
+    def rank(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.5) - 1))], 3)
+
+    return {"count": len(ordered), "p50": rank(0.50), "p95": rank(0.95), "p99": rank(0.99),
+            "max": round(ordered[-1], 3)}
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
