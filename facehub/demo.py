@@ -12,48 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from .localbroker import BrokerError, LocalBroker, free_port
 from .runtime import read_stats
 
 DEADLINE_SECONDS = 180
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_mosquitto(workdir: Path, port: int) -> subprocess.Popen:
-    """A throwaway broker on 127.0.0.1:port, persistence in ``workdir``."""
-    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-    if not os.path.exists(binary):
-        sys.exit("mosquitto is not installed: run 'make demo' (it installs Debian's mosquitto) "
-                 "or 'apt-get install mosquitto'")
-    workdir.mkdir(parents=True, exist_ok=True)
-    conf = workdir / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-                    f"persistence_location {workdir}/\nlog_dest file {workdir}/mosquitto.log\n")
-    proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return proc
-        except OSError:
-            if proc.poll() is not None:
-                sys.exit(f"mosquitto failed to start on port {port}; see {workdir}/mosquitto.log")
-            time.sleep(0.05)
-    sys.exit(f"mosquitto did not listen on port {port} within 10s")
 
 
 def counter(stats: dict, component: str, key: str) -> int:
@@ -74,8 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     edge_port, cloud_port = free_port(), free_port()
     print(f"demo: edge broker 127.0.0.1:{edge_port}, cloud broker 127.0.0.1:{cloud_port}, "
           f"work folder {work}", flush=True)
-    brokers = [start_mosquitto(work / "edge-broker", edge_port),
-               start_mosquitto(work / "cloud-broker", cloud_port)]
+    try:
+        brokers = [LocalBroker(work / "edge-broker", edge_port).start(),
+                   LocalBroker(work / "cloud-broker", cloud_port).start()]
+    except BrokerError as error:
+        print(f"demo: {error}", file=sys.stderr)
+        return 1
     env = {
         **os.environ,
         "FACEHUB_DEVICE_ID": "demo-cam",
@@ -99,9 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             proc.send_signal(signal.SIGTERM)
         for proc in roles.values():
             proc.wait(30)
-        for proc in brokers:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(10)
+        for broker in brokers:
+            broker.stop()
     stats = {**read_stats(work / "edge"), **read_stats(work / "cloud")}
     return summarise(stats, out)
 

@@ -115,7 +115,10 @@ class ConnectionState:
         def on_disconnect(client, userdata, flags, reason_code, properties):
             if self.connected.is_set():
                 self.disconnects += 1
-                log.warning("%s: disconnected: %s; reconnecting with backoff", self.name, reason_code)
+                if reason_code.is_failure or reason_code.value != 0:
+                    log.warning("%s: disconnected: %s; reconnecting with backoff", self.name, reason_code)
+                else:
+                    log.info("%s: disconnected", self.name)
             self.connected.clear()
             if previous_disconnect:
                 previous_disconnect(client, userdata, flags, reason_code, properties)
