@@ -97,6 +97,7 @@ class Forwarder:
         self._wake = threading.Event()
         self._sent: dict[int, int] = {}   # paho mid -> spool id, owned by the main loop
         self._broker_receive_maximum = 65535
+        self._cloud_ready = threading.Event()  # connected, and the broker's limits are known
         self._retry_at = 0.0
         self._reject_backoff = config.cloud.reconnect_min
         self._next_expiry = 0.0
@@ -154,9 +155,11 @@ class Forwarder:
         if not reason_code.is_failure:
             # Never more unacknowledged publishes than the broker says it accepts (paho does not check).
             self._broker_receive_maximum = getattr(properties, "ReceiveMaximum", 65535)
+            self._cloud_ready.set()
             self._wake.set()
 
     def _on_cloud_disconnect(self, client, userdata, flags, reason_code, properties):
+        self._cloud_ready.clear()
         self._completions.put(("down",))
         self._wake.set()
 
@@ -243,6 +246,7 @@ class Forwarder:
         """Apply the cloud client's events in order: confirmed, refused, disconnected."""
         delivered: list[int] = []
         refused: list[int] = []
+        reason = None
         while True:
             try:
                 event = self._completions.get_nowait()
@@ -254,7 +258,7 @@ class Forwarder:
                     continue
                 if event[2].is_failure:
                     refused.append(entry_id)
-                    log.warning("cloud broker refused spool entry %d: %s; will retry", entry_id, event[2])
+                    reason = event[2]
                 else:
                     delivered.append(entry_id)
             elif event[0] == "down" and self.cloud_qos == 0:
@@ -264,10 +268,20 @@ class Forwarder:
                 self._sent.clear()
         self._settle(delivered)
         if refused:
-            self.spool.release(refused)
-            self.runtime.count("forward_refused", len(refused))
-            self._retry_at = time.monotonic() + self._reject_backoff
-            self._reject_backoff = min(self._reject_backoff * 2, self.config.cloud.reconnect_max)
+            self._refused(refused, reason)
+
+    def _refused(self, entry_ids: list[int], reason) -> None:
+        """The cloud broker said no (not authorized, quota exceeded...): keep them, retry with backoff.
+
+        Nothing is dropped here: a broker that keeps refusing is a
+        misconfiguration to fix, meanwhile the spool's size and age limits apply.
+        """
+        self.spool.release(entry_ids)
+        self.runtime.count("forward_refused", len(entry_ids))
+        log.warning("cloud broker refused %d publishes (%s); they stay in the spool, retrying in %.1fs",
+                    len(entry_ids), reason, self._reject_backoff)
+        self._retry_at = time.monotonic() + self._reject_backoff
+        self._reject_backoff = min(self._reject_backoff * 2, self.config.cloud.reconnect_max)
 
     def _settle(self, delivered: list[int]) -> None:
         if not delivered:
@@ -285,7 +299,7 @@ class Forwarder:
 
     def _send(self) -> None:
         """Publish the oldest pending entries while the window has room and the cloud is up."""
-        if not self.cloud_state.connected.is_set() or time.monotonic() < self._retry_at:
+        if not self._cloud_ready.is_set() or time.monotonic() < self._retry_at:
             return
         room = self.effective_window - len(self._sent)
         if room <= 0:

@@ -233,3 +233,11 @@ def test_unopenable_spool_raises_spool_error(tmp_path):
     (tmp_path / "dir.db").mkdir()
     with pytest.raises(SpoolError, match="cannot open spool"):
         Spool(tmp_path / "dir.db")
+
+
+def test_deletes_do_not_change_the_durability_of_puts(tmp_path):
+    with Spool(tmp_path / "spool.db", fsync="full") as spool:
+        ids = put_faces(spool, 3)
+        spool.claim(3)
+        assert spool.ack(ids) == 3
+        assert spool._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again
