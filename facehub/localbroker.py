@@ -48,7 +48,7 @@ class LocalBroker:
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
                         f"persistence_location {self.workdir}/\nmax_queued_messages 100000\n"
-                        f"log_dest file {self.workdir}/mosquitto.log\n{self.extra}\n")
+                        f"log_dest file {self.workdir}/mosquitto.log\n{self.run_as()}{self.extra}\n")
         self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + timeout
@@ -62,6 +62,11 @@ class LocalBroker:
                 time.sleep(0.05)
         self.stop()
         raise BrokerError(f"mosquitto did not listen on port {self.port} within {timeout:.0f}s")
+
+    @staticmethod
+    def run_as() -> str:
+        """As root, mosquitto would switch to its own user, which cannot write into our folder."""
+        return "user root\n" if os.geteuid() == 0 else ""
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -127,6 +127,8 @@ class Mosquitto(Server):
             "log_type warning",
             "log_type notice",
         ]
+        if os.geteuid() == 0:
+            lines.append("user root")  # else mosquitto drops to its own user and cannot write here
         if self.persistence:
             lines += ["persistence true", f"persistence_location {self.workdir}/",
                       "autosave_interval 1"]
