@@ -290,7 +290,11 @@ class Supervisor:
                     for name, info in children.items() if info["state"] not in ("RUNNING", "EXITED")]
         if self.fatal:
             problems.insert(0, self.fatal)
+        stats = {name: data for name, data in read_stats(self.policy.state_dir).items() if name in children}
         summary = "; ".join(problems) or f"{len(children)} components up"
+        depth = sum(data.get("gauges", {}).get("spool_depth", 0) for data in stats.values())
+        if any("spool_depth" in data.get("gauges", {}) for data in stats.values()):
+            summary += f", spool depth {depth}"
         return {
             "role": self.role,
             "pid": os.getpid(),
@@ -301,8 +305,7 @@ class Supervisor:
             "healthy": not problems and not self.stopping,
             "summary": summary,
             "children": children,
-            "stats": {name: data for name, data in read_stats(self.policy.state_dir).items()
-                      if name in children},
+            "stats": stats,
         }
 
 

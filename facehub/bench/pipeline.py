@@ -123,12 +123,15 @@ def relay_throughput(kind: str, workdir: Path, count: int = 2000, size: int = 10
 
 
 def _wait_connected(workdir: Path, kind: str) -> None:
-    """Give the relay its connections before timing (a forwarder beats once connected and looping)."""
+    """Give the relay its connections before timing: the forwarder reports them as gauges."""
     if kind != "forwarder":
         time.sleep(1.0)  # mosquitto's bridge connects at start; nothing to poll from outside
         return
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and "forwarder" not in read_stats(workdir):
+    while time.monotonic() < deadline:
+        gauges = read_stats(workdir).get("forwarder", {}).get("gauges", {})
+        if gauges.get("edge_subscribed") and gauges.get("cloud_connected"):
+            return
         time.sleep(0.1)
 
 
