@@ -130,7 +130,13 @@ class ForwarderConfig:
 
 @dataclass
 class SaverConfig:
-    """Where faces are stored: an fsspec URL (``s3://bucket/prefix`` or a folder)."""
+    """Where faces are stored: an fsspec URL (``s3://bucket/prefix`` or a folder).
+
+    ``workers`` storage writes run at once; ``inflight`` caps the unacknowledged
+    messages the broker may push (MQTT v5 Receive Maximum), which bounds memory
+    while storage is down; ``timeout`` bounds one storage call, and a write
+    stuck for longer than a few timeouts stops the heartbeat.
+    """
 
     url: str = "./faces"
     endpoint_url: str = ""
@@ -141,6 +147,9 @@ class SaverConfig:
     quarantine_prefix: str = "quarantine"
     share_group: str = "savers"
     instances: int = 1
+    workers: int = 4
+    inflight: int = 100
+    timeout: float = 30.0
     retry_min: float = 0.5
     retry_max: float = 30.0
 
@@ -148,8 +157,17 @@ class SaverConfig:
         _check(bool(self.url), f"{section}.url", "must not be empty")
         _check(self.max_bytes >= 1024, f"{section}.max_bytes", "must be >= 1024")
         _check(self.instances >= 1, f"{section}.instances", "must be >= 1")
-        _check("/" not in self.share_group and bool(self.share_group), f"{section}.share_group",
-               "must be a non-empty name without '/'")
+        _check("/" not in self.share_group and bool(self.share_group)
+               and not any(c in self.share_group for c in "#+"), f"{section}.share_group",
+               "must be a non-empty name without '/', '#' or '+'")
+        _check(bool(self.quarantine_prefix) and all(part not in ("", ".", "..")
+                                                    for part in self.quarantine_prefix.split("/")),
+               f"{section}.quarantine_prefix", "must be a non-empty relative path without '.' or '..'")
+        _check(1 <= self.workers <= 64, f"{section}.workers", "must be 1..64")
+        _check(1 <= self.inflight <= 65535, f"{section}.inflight", "must be 1..65535")
+        _check(self.timeout > 0, f"{section}.timeout", "must be > 0")
+        _check(0 < self.retry_min <= self.retry_max, f"{section}.retry_min",
+               "must be > 0 and <= retry_max")
 
 
 @dataclass

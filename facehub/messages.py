@@ -24,7 +24,13 @@ SCHEMA_VERSION = "1"
 CONTENT_TYPES = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp"}
 MAX_USER_PROPERTIES = 64
 MAX_PROPERTY_LENGTH = 256
-_SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+# Ids become parts of storage keys and file names: a letter or digit first (so
+# never "." or ".." or a hidden file), then letters, digits, '.', '_' or '-'.
+_SAFE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_INTEGER = re.compile(r"-?[0-9]{1,20}")
+# The last millisecond that still has a four-digit year (9999-12-31T23:59:59.999Z),
+# so every accepted capture time maps to a date-based storage key.
+MAX_CAPTURED_MS = 253_402_300_799_999
 _IMAGE_MAGIC = {
     "image/jpeg": (b"\xff\xd8\xff",),
     "image/png": (b"\x89PNG\r\n\x1a\n",),
@@ -103,19 +109,19 @@ def parse(topic: str, payload: bytes, properties: Properties | None, max_bytes: 
     if content_type not in CONTENT_TYPES:
         raise InvalidFace(f"unsupported content type {content_type[:64]!r}")
     if not payload.startswith(_IMAGE_MAGIC[content_type]):
-        raise InvalidFace(f"payload is not a {content_type} image (bad magic bytes)")
+        raise InvalidFace(f"payload is not {content_type} data (bad magic bytes)")
     meta = _user_properties(getattr(properties, "UserProperty", None) or [])
     device_id = meta.get("device", device_from_topic)
     if device_id != device_from_topic:
         raise InvalidFace(f"device property {device_id!r} disagrees with topic {topic!r}")
     face_id = _required(meta, "face-id")
-    if not _SAFE_ID.match(face_id):
-        raise InvalidFace("face-id must be 1-128 characters of [A-Za-z0-9._-]")
+    if not _SAFE_ID.fullmatch(face_id):
+        raise InvalidFace("face-id must be 1-128 characters of [A-Za-z0-9._-], starting with a letter or digit")
     return Face(
         image=payload,
         device_id=device_id,
         face_id=face_id,
-        captured_ms=_int(meta, "captured-ms", minimum=0),
+        captured_ms=_int(meta, "captured-ms", minimum=0, maximum=MAX_CAPTURED_MS),
         frame=_int(meta, "frame", minimum=0, default=0),
         box=_box(meta.get("box", "0,0,0,0")),
         score=_float(meta.get("score")),
@@ -129,7 +135,7 @@ def _device_from_topic(topic: str, prefix: str) -> str:
     if not topic.startswith(head):
         raise InvalidFace(f"topic {topic[:128]!r} is not under {head!r}")
     device = topic[len(head):]
-    if not _SAFE_ID.match(device):
+    if not _SAFE_ID.fullmatch(device):
         raise InvalidFace(f"topic suffix {device[:128]!r} is not a valid device id")
     return device
 
@@ -157,18 +163,20 @@ def _required(meta: dict[str, str], key: str) -> str:
     return meta[key]
 
 
-def _int(meta: dict[str, str], key: str, minimum: int, default: int | None = None) -> int:
+def _int(meta: dict[str, str], key: str, minimum: int, default: int | None = None,
+         maximum: int | None = None) -> int:
     raw = meta.get(key)
     if raw is None:
         if default is None:
             raise InvalidFace(f"missing user property {key!r}")
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidFace(f"user property {key!r} is not an integer: {raw[:32]!r}") from None
+    if not _INTEGER.fullmatch(raw):
+        raise InvalidFace(f"user property {key!r} is not an integer: {raw[:32]!r}")
+    value = int(raw)
     if value < minimum:
         raise InvalidFace(f"user property {key!r} is below {minimum}")
+    if maximum is not None and value > maximum:
+        raise InvalidFace(f"user property {key!r} is above {maximum}")
     return value
 
 
@@ -186,10 +194,9 @@ def _float(raw: str | None) -> float | None:
 
 def _box(raw: str) -> tuple[int, int, int, int]:
     parts = raw.split(",")
-    try:
-        box = tuple(int(p) for p in parts)
-    except ValueError:
-        raise InvalidFace(f"user property 'box' is not four integers: {raw[:32]!r}") from None
+    if not all(_INTEGER.fullmatch(p) for p in parts):
+        raise InvalidFace(f"user property 'box' is not four integers: {raw[:32]!r}")
+    box = tuple(int(p) for p in parts)
     if len(box) != 4 or any(v < 0 for v in box):
         raise InvalidFace(f"user property 'box' is not four non-negative integers: {raw[:32]!r}")
     return box  # type: ignore[return-value]
