@@ -31,7 +31,8 @@ Flow of one message::
   than ``max_bytes`` are counted ``rejected`` and ``oversize`` and dropped.
 
 Counters: ``stored``, ``duplicates``, ``rejected``, ``quarantined``,
-``oversize``, ``store_errors``; gauges ``queue_depth`` and ``unacked``.
+``oversize``, ``store_errors``; gauges ``queue_depth`` and ``unacked``;
+``latency_ms`` (capture to stored) percentiles.
 """
 
 from __future__ import annotations
@@ -227,6 +228,7 @@ class Saver:
             return
         if self._retry(lambda: self.store.put_face(face), f"face {face.face_id} from {face.device_id}"):
             self.runtime.count("stored")
+            self.runtime.observe("latency_ms", time.time() * 1000 - face.captured_ms)
             log.debug("stored face %s from %s", face.face_id, face.device_id)
         else:
             self.runtime.count("duplicates")

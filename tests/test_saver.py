@@ -399,6 +399,30 @@ def test_storage_outage_stops_acks_retries_and_loses_nothing(broker, s3_server, 
     running.stop()
 
 
+def test_faces_not_acknowledged_during_an_outage_reach_the_restarted_saver(broker, s3_server, s3_bucket,
+                                                                          publisher, photo, stop_savers):
+    """Proves the saver did not acknowledge what it could not store: a saver stopped mid-outage
+    leaves the faces with the broker, and its successor (same client id) stores them."""
+    config = make_config(broker, f"s3://{s3_bucket}/{PREFIX}", s3_server.endpoint_url)
+    first = RunningSaver(config)
+    stop_savers.append(first)
+    wait_subscribed(broker, publisher, [first])
+    s3_server.stop()
+    faces = [make_face(photo, n) for n in range(12)]
+    for face in faces:
+        publisher.face(face)
+    wait_stats(first, lambda s: s.get("store_errors", 0) >= 4, 30, "store errors while S3 is down")
+    first.stop()
+    assert first.stats["stored"] == 0
+
+    s3_server.start(timeout=30)
+    make_bucket(s3_server.endpoint_url, s3_bucket)
+    second = RunningSaver(config)
+    stop_savers.append(second)
+    wait_stats(second, lambda s: s.get("stored") == 12, 30, "the faces left with the broker stored")
+    assert face_objects(s3_server.endpoint_url, s3_bucket) == {f"{PREFIX}/{face_key(f)}" for f in faces}
+
+
 # -- shared subscription -----------------------------------------------------------------
 
 
