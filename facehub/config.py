@@ -219,8 +219,9 @@ class Config:
         return f"{self.topic_prefix}/#"
 
     def validate(self) -> "Config":
-        _check(bool(self.device_id) and _safe_name(self.device_id) == self.device_id, "device_id",
-               "must be non-empty and use only letters, digits, '-', '_' and '.'")
+        _check(bool(self.device_id) and _safe_name(self.device_id) == self.device_id
+               and self.device_id[0].isalnum() and len(self.device_id) <= 128, "device_id",
+               "must be 1-128 letters, digits, '-', '_' or '.', starting with a letter or digit")
         _check(bool(self.topic_prefix) and not any(c in self.topic_prefix for c in "#+")
                and not self.topic_prefix.startswith("$") and not self.topic_prefix.endswith("/"),
                "topic_prefix", "must be non-empty, without wildcards, '$' start or trailing '/'")

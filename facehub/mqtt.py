@@ -55,25 +55,32 @@ def make_client(broker: BrokerConfig, client_id: str, manual_ack: bool = False) 
     return client
 
 
-def connect_properties(broker: BrokerConfig) -> Properties:
+def connect_properties(broker: BrokerConfig, persistent: bool = True,
+                       receive_maximum: int | None = None) -> Properties | None:
+    """CONNECT properties: session expiry for persistent sessions, Receive Maximum if asked."""
     props = Properties(PacketTypes.CONNECT)
-    if broker.session_expiry:
+    if persistent and broker.session_expiry:
         props.SessionExpiryInterval = broker.session_expiry
-    return props
+    if receive_maximum:
+        props.ReceiveMaximum = receive_maximum
+    return props if props.json() else None
 
 
-def start(client: paho.Client, broker: BrokerConfig, persistent: bool = True) -> None:
+def start(client: paho.Client, broker: BrokerConfig, persistent: bool = True,
+          receive_maximum: int | None = None) -> None:
     """Connect in the background and keep reconnecting with backoff.
 
     Never raises for an unreachable broker: paho's network thread retries, and
     ``on_connect``/``on_disconnect`` callbacks log each transition.
+    ``receive_maximum`` caps the unacknowledged QoS>0 messages the broker sends us
+    (backpressure for consumers that acknowledge late).
     """
     client.connect_async(
         broker.host,
         broker.port,
         keepalive=broker.keepalive,
         clean_start=not persistent,
-        properties=connect_properties(broker) if persistent else None,
+        properties=connect_properties(broker, persistent, receive_maximum),
     )
     client.loop_start()
 

@@ -304,22 +304,13 @@ def run(config: Config, runtime: Runtime) -> None:
     log.info("saving %s into %s as %s (workers=%d, inflight=%d)", topic, store.describe(), broker.client_id,
              config.saver.workers, config.saver.inflight)
     saver.start_workers()
-    _start(client, broker, config.saver.inflight)
+    mqtt.start(client, broker, receive_maximum=config.saver.inflight)
     try:
         _watch(saver, runtime)
     finally:
         saver.stop_workers(timeout=config.saver.timeout + 5)
         mqtt.stop(client)
         runtime.flush()
-
-
-def _start(client, broker, inflight: int) -> None:
-    """``mqtt.start`` plus a Receive Maximum, which bounds unacknowledged deliveries."""
-    properties = mqtt.connect_properties(broker)
-    properties.ReceiveMaximum = inflight
-    client.connect_async(broker.host, broker.port, keepalive=broker.keepalive, clean_start=False,
-                         properties=properties)
-    client.loop_start()
 
 
 def _watch(saver: Saver, runtime: Runtime) -> None:

@@ -112,14 +112,9 @@ class Collector:
         mqtt.stop(self.client)
 
 
-# Run as root, mosquitto drops to the "mosquitto" user, which cannot write its persistence
-# file into the test's directory, so sessions would not survive a broker restart.
-KEEP_SESSIONS = "user root"
-
-
 @pytest.fixture
 def brokers(broker_factory):
-    return broker_factory("local", extra=KEEP_SESSIONS), broker_factory("cloud", extra=KEEP_SESSIONS)
+    return broker_factory("local"), broker_factory("cloud")
 
 
 @pytest.fixture
@@ -381,8 +376,8 @@ def test_throughput_report(tmp_path, brokers, collector_factory):
 
 def test_honours_the_cloud_brokers_receive_maximum(tmp_path, broker_factory, collector_factory):
     """A cloud broker accepting fewer in-flight messages than forwarder.inflight is not flooded."""
-    local = broker_factory("local", extra=KEEP_SESSIONS)
-    cloud = broker_factory("cloud", extra=KEEP_SESSIONS + "\nmax_inflight_messages 5")
+    local = broker_factory("local")
+    cloud = broker_factory("cloud", extra="max_inflight_messages 5")
     collector = collector_factory(cloud)
     faces = make_faces(300)
     with running_forwarder(make_config(tmp_path, local, cloud, inflight=100)) as runtime:
@@ -397,8 +392,8 @@ def test_refused_publishes_stay_in_the_spool_and_are_retried(tmp_path, broker_fa
     """A PUBACK with a failure reason code (here: not authorized) deletes nothing; later it goes through."""
     acl = tmp_path / "cloud.acl"
     acl.write_text("topic read faces/#\n")
-    local = broker_factory("local", extra=KEEP_SESSIONS)
-    cloud = broker_factory("cloud", extra=f"{KEEP_SESSIONS}\nacl_file {acl}")
+    local = broker_factory("local")
+    cloud = broker_factory("cloud", extra=f"acl_file {acl}")
     collector = collector_factory(cloud)
     faces = make_faces(30)
     with running_forwarder(make_config(tmp_path, local, cloud)) as runtime:
