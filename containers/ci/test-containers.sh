@@ -1,0 +1,307 @@
+#!/usr/bin/env bash
+# Real containers without a Docker engine: podman (Debian's, rootful) with runc,
+# cgroupfs and host networking, no registry (--pull=never), everything made here:
+#
+#   1. a Debian bookworm minbase root filesystem with python3 (debootstrap), imported
+#      as the base image; a mosquitto image built on it (stand-in for eclipse-mosquitto);
+#   2. the real containers/Dockerfile built on that base; `facehub` checked in it;
+#   3. the cloud play (ansible/cloud.yml: mosquitto + facehub_cloud roles) run against
+#      podman's Docker-compatible API (podman system service), TLS broker and savers;
+#   4. the edge manifests rendered by the facehub_edge role (ansible/edge.yml) and run
+#      with `podman kube play`: the local broker and the FaceHub edge pod;
+#   5. faces detected at the edge, forwarded over TLS with the device's credentials,
+#      stored by the containerised saver: the run passes when they are on disk.
+#
+# All state (podman storage, images, the API socket, configs, faces) lives in one
+# temporary folder, removed at the end. Needs root, podman, runc, debootstrap
+# (containers/ci/install-deps.sh) and the lint venv with Ansible ($FACEHUB_LINT_VENV).
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/../.." && pwd)
+venv=${FACEHUB_LINT_VENV:-/tmp/lintvenv}
+mirror=${FACEHUB_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+shared=${FACEHUB_SHARED:-$root/../shared}
+keep=${FACEHUB_KEEP_WORK:-}
+device=ci-edge-1
+started=$(date +%s)
+passed=0
+
+say() { printf '[%4ss] %s\n' "$(( $(date +%s) - started ))" "$*"; }
+fail() { say "FAILED: $*"; exit 1; }
+check() {  # check "what" command...: one counted assertion
+    local what=$1
+    shift
+    if "$@"; then
+        passed=$((passed + 1))
+        say "ok: $what"
+    else
+        fail "$what"
+    fi
+}
+# poll "what" timeout command...: retry until it succeeds or the deadline passes
+poll() {
+    local what=$1 timeout=$2
+    shift 2
+    local deadline=$(( $(date +%s) + timeout ))
+    until "$@" >/dev/null 2>&1; do
+        [ "$(date +%s)" -lt "$deadline" ] || return 1
+        sleep 1
+    done
+    say "ready: $what"
+}
+
+[ "$(id -u)" = 0 ] || fail "run as root (rootful podman with runc and cgroupfs)"
+for tool in podman runc debootstrap openssl; do
+    command -v "$tool" >/dev/null || fail "$tool is missing: run containers/ci/install-deps.sh"
+done
+[ -x "$venv/bin/ansible-playbook" ] || fail "no Ansible in $venv: run containers/ci/install-deps.sh"
+
+work=$(mktemp -d /tmp/facehub-containers.XXXXXX)
+chmod 0755 "$work"
+service_pid=""
+cleanup() {
+    local status=$?
+    set +e
+    if [ "$status" != 0 ]; then
+        say "diagnostics:"
+        podman ps -a --format '{{.Names}} {{.Status}}' 2>/dev/null
+        for name in $(podman ps -a --format '{{.Names}}' 2>/dev/null); do
+            case $name in *-infra) continue ;; esac
+            echo "--- logs of $name"
+            podman logs --tail 40 "$name" 2>&1
+        done
+    fi
+    [ -n "$service_pid" ] && kill "$service_pid" 2>/dev/null && wait "$service_pid" 2>/dev/null
+    podman pod rm -f -a -t 5 >/dev/null 2>&1
+    podman rm -f -a -t 5 >/dev/null 2>&1
+    podman system reset --force >/dev/null 2>&1
+    grep " $work/" /proc/mounts | awk '{print $2}' | sort -r | xargs -r -n1 umount -l 2>/dev/null
+    if [ -n "$keep" ]; then
+        say "kept $work"
+    else
+        rm -rf "$work"
+    fi
+    say "test-containers: $passed passed, $([ "$status" = 0 ] && echo 0 || echo 1) failed"
+    exit "$status"
+}
+trap cleanup EXIT
+
+# podman, configured for this machine, with every bit of state under $work.
+cat > "$work/containers.conf" <<EOF
+[containers]
+netns = "host"
+default_ulimits = ["nofile=1024:1024", "nproc=1000:1000"]
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+events_logfile_path = "$work/podman-events.log"
+tmp_dir = "$work/libpod-tmp"
+EOF
+cat > "$work/storage.conf" <<EOF
+[storage]
+driver = "overlay"
+graphroot = "$work/storage"
+runroot = "$work/run"
+EOF
+export CONTAINERS_CONF=$work/containers.conf CONTAINERS_STORAGE_CONF=$work/storage.conf
+export ANSIBLE_CONFIG=$root/ansible.cfg ANSIBLE_LOCAL_TEMP=$work/ansible-tmp ANSIBLE_NOCOLOR=1
+podman info --format '{{.Host.OCIRuntime.Name}} {{.Host.CgroupManager}} {{.Store.GraphRoot}}' |
+    grep -q "^runc cgroupfs $work/storage" || fail "podman does not use runc/cgroupfs/$work"
+say "podman $(podman version --format '{{.Client.Version}}') with runc, cgroupfs, storage in $work"
+
+# 1. Base image: Debian minbase with python3, from the Debian archive.
+t0=$(date +%s)
+rootfs_tar=${FACEHUB_CI_ROOTFS_TAR:-}  # a developer's shortcut: reuse a rootfs tarball
+if [ -n "$rootfs_tar" ] && [ -f "$rootfs_tar" ]; then
+    say "reusing the root filesystem in $rootfs_tar"
+else
+    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
+        bookworm "$work/rootfs" "$mirror" > "$work/debootstrap.log" 2>&1 ||
+        { tail -20 "$work/debootstrap.log"; fail "debootstrap"; }
+    [ -n "$rootfs_tar" ] && tar -C "$work/rootfs" -cf "$rootfs_tar" .
+    rootfs_tar=""
+fi
+if [ -n "$rootfs_tar" ]; then cat "$rootfs_tar"; else tar -C "$work/rootfs" -c .; fi | podman import \
+    --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    --change 'CMD ["/bin/bash"]' - localhost/facehub-ci-base:bookworm >/dev/null
+rm -rf "$work/rootfs"
+say "base image made in $(( $(date +%s) - t0 ))s"
+
+build() {  # build TAG FILE [args]: podman build with the host's CA bundle for pip
+    local tag=$1 file=$2
+    shift 2
+    local extra=()
+    [ -n "${PIP_INDEX_URL:-}" ] && extra+=(--build-arg "PIP_INDEX_URL=$PIP_INDEX_URL")
+    podman build --pull=never --network host --format docker \
+        --build-arg BASE_IMAGE=localhost/facehub-ci-base:bookworm \
+        --build-arg PIP_CERT=/etc/ssl/host-ca.crt \
+        --volume /etc/ssl/certs/ca-certificates.crt:/etc/ssl/host-ca.crt:ro \
+        "${extra[@]}" "$@" -f "$file" -t "$tag" "$root" > "$work/build-${tag##*/}.log" 2>&1 ||
+        { tail -30 "$work/build-${tag##*/}.log"; fail "build of $file"; }
+}
+
+# 2. The FaceHub image from the real Dockerfile, and the broker image.
+t0=$(date +%s)
+build localhost/facehub:ci "$root/containers/Dockerfile"
+build_seconds=$(( $(date +%s) - t0 ))
+say "facehub image built in ${build_seconds}s ($(podman image inspect localhost/facehub:ci --format '{{.Size}}' | awk '{printf "%d MB", $1/1e6}'))"
+t0=$(date +%s)
+build localhost/facehub-ci-mosquitto:latest "$root/containers/ci/mosquitto.Containerfile"
+say "mosquitto image built in $(( $(date +%s) - t0 ))s"
+
+image=localhost/facehub:ci
+check "the image runs facehub as user 10001" \
+    test "$(podman run --rm --no-healthcheck --entrypoint id "$image" -u)" = 10001
+check "facehub --version in the image" podman run --rm --no-healthcheck "$image" --version
+check "the image's HEALTHCHECK is facehub health" \
+    grep -q "facehub health" <<<"$(podman image inspect "$image" --format '{{.Config.Healthcheck.Test}}' | tr -d '[]' | tr -s ' ')"
+health_out=$(podman run --rm --no-healthcheck "$image" health 2>&1) && health_rc=0 || health_rc=$?
+check "facehub health says unhealthy (1) with no supervisor running: $health_out" test "$health_rc" = 1
+
+# 3. The cloud: Ansible's cloud play against podman's Docker API.
+free_port() { "$venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+cloud_port=$(free_port)
+edge_port=$(free_port)
+device_password=$(openssl rand -hex 16)
+saver_password=$(openssl rand -hex 16)
+mkdir -p "$work/faces" "$work/fetched"
+podman system service --time=0 "unix://$work/podman.sock" > "$work/podman-service.log" 2>&1 &
+service_pid=$!
+export DOCKER_HOST=unix://$work/podman.sock
+poll "podman's Docker API on $DOCKER_HOST" 30 test -S "$work/podman.sock"
+
+cat > "$work/inventory.yml" <<EOF
+all:
+  vars:
+    ansible_connection: local
+    ansible_python_interpreter: $venv/bin/python
+    ansible_become: false
+  children:
+    cloud:
+      hosts:
+        cloud-ci:
+          mosquitto_config_dir: $work/cloud/mosquitto
+          mosquitto_ca_dir: $work/cloud/ca
+          mosquitto_data_dir: $work/cloud/data
+          mosquitto_tls_port: $cloud_port
+          mosquitto_bind_address: 127.0.0.1
+          mosquitto_devices: [$device]
+          mosquitto_passwords: {$device: "$device_password", saver: "$saver_password"}
+          mosquitto_ca_fetch_dir: $work/fetched
+          mosquitto_image: localhost/facehub-ci-mosquitto:latest
+          mosquitto_image_pull: false
+          mosquitto_network: host
+          # podman's Docker API reports "cap_drop: ALL" as the list of capabilities, adds
+          # rbind/rprivate to binds and tmpfs of its own to read-only containers, which
+          # Docker does not: compare everything else.
+          mosquitto_container_comparisons: &podman_comparisons
+            networks: strict
+            cap_drop: ignore
+            volumes: ignore
+            tmpfs: ignore
+          facehub_cloud_image: $image
+          facehub_cloud_image_pull: false
+          facehub_cloud_network: host
+          facehub_cloud_broker_host: 127.0.0.1
+          facehub_cloud_broker_port: $cloud_port
+          facehub_cloud_ca_file: $work/cloud/mosquitto/tls/ca.crt
+          facehub_cloud_saver_password: "$saver_password"
+          facehub_cloud_saver_instances: 2
+          facehub_cloud_storage_dir: $work/faces
+          facehub_cloud_memory: 1g
+          facehub_cloud_container_comparisons: *podman_comparisons
+    edge:
+      hosts:
+        edge-ci:
+          facehub_edge_manifests_dir: $work/manifests
+          facehub_edge_wait: false
+          facehub_edge_device_id: $device
+          facehub_edge_image: $image
+          facehub_edge_image_pull_policy: Never
+          facehub_edge_mosquitto_image: localhost/facehub-ci-mosquitto:latest
+          facehub_edge_mqtt_host: 127.0.0.1
+          facehub_edge_mqtt_port: $edge_port
+          facehub_edge_mqtt_bind_address: 127.0.0.1
+          facehub_edge_cloud_host: 127.0.0.1
+          facehub_edge_cloud_port: $cloud_port
+          facehub_edge_cloud_password: "$device_password"
+          facehub_edge_cloud_ca_file: $work/fetched/ca.crt
+          facehub_edge_camera_device: ""
+          facehub_edge_node_selector: {}
+          facehub_edge_spool_size: 256Mi
+EOF
+chmod 0600 "$work/inventory.yml"
+
+t0=$(date +%s)
+"$venv/bin/ansible-playbook" -i "$work/inventory.yml" "$root/ansible/cloud.yml" \
+    --skip-tags docker,s3fs_mount > "$work/cloud-play.log" 2>&1 ||
+    { tail -40 "$work/cloud-play.log"; fail "the cloud play"; }
+say "cloud play ran in $(( $(date +%s) - t0 ))s: $(grep -E '^cloud-ci' "$work/cloud-play.log" | tr -s ' ')"
+"$venv/bin/ansible-playbook" -i "$work/inventory.yml" "$root/ansible/cloud.yml" \
+    --skip-tags docker,s3fs_mount --diff > "$work/cloud-play-2.log" 2>&1 ||
+    { tail -40 "$work/cloud-play-2.log"; fail "the cloud play, second run"; }
+changed_tasks=$(awk '/^TASK /{task=$0} /^changed:/{print "    " task}' "$work/cloud-play-2.log")
+check "the cloud play is idempotent (second run changed nothing)${changed_tasks:+; changed:
+$changed_tasks}" test -z "$changed_tasks"
+check "the broker and the savers run as containers made through the Docker API" \
+    test "$(podman ps --filter name=facehub-mosquitto --filter name=facehub-saver --format '{{.Names}}' | wc -l)" = 2
+check "the savers are healthy (facehub health in the container)" \
+    podman exec facehub-saver facehub health
+
+# 4. The edge: the role renders the manifests, podman plays them.
+t0=$(date +%s)
+clip=$(podman run --rm --no-healthcheck --entrypoint python3 "$image" -c \
+    'from facehub.detector import SAMPLE_CLIP; print(SAMPLE_CLIP)' 2>/dev/null || true)
+if [ -n "$clip" ]; then
+    say "edge source: the sample clip in the image ($clip)"
+    extra_vars=(-e "{\"facehub_edge_detector_source\": \"$clip\", \"facehub_edge_extra_env\": {\"FACEHUB_DETECTOR_LOOP\": \"true\"}}")
+else
+    # No sample in the package: a clip made in the image from a shared photo with faces.
+    photo=$(ls "$shared"/faces/20*.jpg 2>/dev/null | head -1)
+    [ -n "$photo" ] || fail "no sample clip in the image and no photo in $shared/faces"
+    mkdir -p "$work/clip" && chmod 0777 "$work/clip"
+    podman run --rm --no-healthcheck --entrypoint python3 -v "$photo:/in.jpg:ro" -v "$work/clip:/out" "$image" -c '
+import cv2
+frame = cv2.imread("/in.jpg")
+out = cv2.VideoWriter("/out/clip.avi", cv2.VideoWriter_fourcc(*"MJPG"), 10, (frame.shape[1], frame.shape[0]))
+for _ in range(20):
+    out.write(frame)
+out.release()'
+    say "edge source: a clip made from $(basename "$photo")"
+    extra_vars=(-e "{\"facehub_edge_detector_source\": \"$work/clip/clip.avi\", \"facehub_edge_host_files\": [\"$work/clip/clip.avi\"], \"facehub_edge_extra_env\": {\"FACEHUB_DETECTOR_LOOP\": \"true\"}}")
+fi
+"$venv/bin/ansible-playbook" -i "$work/inventory.yml" "$root/ansible/edge.yml" --tags facehub_edge \
+    "${extra_vars[@]}" > "$work/edge-play.log" 2>&1 ||
+    { tail -40 "$work/edge-play.log"; fail "the edge play"; }
+check "the edge play rendered the manifests" test -s "$work/manifests/facehub-30-edge.yaml"
+"$venv/bin/python" "$root/containers/ci/podman_play.py" "$work/manifests" "$work/edge-play.yaml" "$work/secrets" |
+    sed 's/^/    /'
+for secret in "$work"/secrets/*; do
+    podman secret create "$(basename "$secret")" "$secret" >/dev/null
+done
+podman kube play --network host "$work/edge-play.yaml" > "$work/kube-play.log" 2>&1 ||
+    { cat "$work/kube-play.log"; fail "podman kube play"; }
+say "edge pods started in $(( $(date +%s) - t0 ))s: $(podman pod ps --format '{{.Name}}' | tr '\n' ' ')"
+edge=$(podman ps --format '{{.Names}}' | grep -E '^facehub-edge-pod-[0-9]+-facehub$')
+broker=$(podman ps --format '{{.Names}}' | grep -E '^facehub-mosquitto-pod-[0-9]+-mosquitto$')
+check "the edge pod runs as user 10001 with a read-only root" \
+    test "$(podman inspect "$edge" --format '{{.Config.User}} {{.HostConfig.ReadonlyRootfs}}')" = "10001 true"
+check "the probes became the container's health check (facehub health)" \
+    grep -q "facehub health" <<<"$(podman inspect "$edge" --format '{{.Config.Healthcheck.Test}}')"
+poll "the edge broker ($broker) on 127.0.0.1:$edge_port" 60 \
+    "$venv/bin/python" -c "import socket; socket.create_connection(('127.0.0.1', $edge_port), 1)" ||
+    fail "the edge broker never listened"
+poll "the edge pod reports healthy" 120 podman healthcheck run "$edge" ||
+    fail "the edge pod never became healthy: $(podman exec "$edge" facehub health 2>&1)"
+
+# 5. A face detected at the edge, stored by the containerised saver.
+t0=$(date +%s)
+poll "a face stored by the saver" 180 sh -c "find '$work/faces' -name '*.jpg' | grep -q ." ||
+    fail "no face stored after 180s; edge: $(podman exec "$edge" facehub health --json 2>&1 | tail -c 1500)"
+stored=$(find "$work/faces" -name '*.jpg' | head -1)
+say "first face stored $(( $(date +%s) - t0 ))s after the edge was healthy: ${stored#"$work"/faces/}"
+check "the stored face is under the device's folder" grep -q "^$work/faces/$device/" <<<"$stored"
+check "the stored face is a JPEG" test "$(head -c 3 "$stored" | od -An -tx1 | tr -d ' ')" = ffd8ff
+check "the saver is still healthy" podman exec facehub-saver facehub health
+say "faces stored: $(find "$work/faces" -name '*.jpg' | wc -l); total $(( $(date +%s) - started ))s; image build ${build_seconds}s"
