@@ -144,6 +144,7 @@ class Chaos:
         self.cloud_state = work / "cloud-state"
         self.collected = work / "collected.txt"
         self.events: list[str] = []
+        self.evidence: dict[str, float] = {}   # proof that a fault really hit, read from the stats
         self.started = time.monotonic()
 
     # -- plumbing --------------------------------------------------------------------------
@@ -225,10 +226,8 @@ class Chaos:
         self.note("cloud up: broker, S3, two savers connected")
 
     def start_edge(self) -> None:
-        from facehub.detector import SAMPLE_CLIP
-
         from facehub import config as facehub_config
-        from facehub.forwarder import client_ids
+        from facehub import detector, forwarder
 
         ns = self.pair.edge
         self.edge_broker = self.server(Mosquitto(self.work / "edge-broker", host="127.0.0.1", netns=ns))
@@ -245,14 +244,14 @@ class Chaos:
             FACEHUB_CLOUD_HOST=self.pair.cloud_addr,
             FACEHUB_CLOUD_PORT=str(self.cloud_broker.port),
             FACEHUB_CLOUD_QOS=str(self.qos),
-            FACEHUB_DETECTOR_SOURCE=str(SAMPLE_CLIP),
+            FACEHUB_DETECTOR_SOURCE=str(detector.SAMPLE_CLIP),
             FACEHUB_DETECTOR_LOOP="false",
             FACEHUB_FORWARDER_SPOOL_PATH=str(self.work / "spool.db"),
             FACEHUB_SUPERVISOR_STATE_DIR=str(self.edge_state),
         )
         # The forwarder's session exists as after its first run, so the detector's first
         # faces are queued for it even if the detector publishes before it subscribes.
-        edge_id, _ = client_ids(facehub_config.load(env=env))
+        edge_id, _ = forwarder.client_ids(facehub_config.load(env=env))
         self.client(ns, "seed-session", "--port", port, "--client-id", edge_id,
                     "--topic", "faces/#", "--qos", str(self.qos))
         self.spawn("edge", ns, [sys.executable, "-m", "facehub.cli", "run", "edge"], env)
@@ -322,12 +321,20 @@ class Chaos:
         os.kill(pid, signal.SIGKILL)
         self.note(f"SIGKILL {child} (pid {pid})")
 
+    def stat(self, role: str, kind: str, key: str) -> float:
+        """A counter or gauge summed over a role's components (both savers, say)."""
+        from facehub.runtime import read_stats
+
+        state_dir = self.edge_state if role == "edge" else self.cloud_state
+        return sum(data.get(kind, {}).get(key, 0) for data in read_stats(state_dir).values())
+
     def cut_link(self, seconds: float) -> None:
         self.pair.cut()
         self.note(f"cable cut for {seconds:.0f}s")
         time.sleep(seconds)
+        self.evidence["spool depth at the end of the cut"] = self.stat("edge", "gauges", "spool_depth")
         self.pair.restore()
-        self.note("cable restored")
+        self.note(f"cable restored ({self.evidence['spool depth at the end of the cut']:.0f} faces spooled)")
 
     def restart_cloud_broker(self) -> None:
         self.cloud_broker.stop()   # SIGTERM: mosquitto saves sessions and queues to disk
@@ -336,11 +343,14 @@ class Chaos:
         self.note("cloud broker started again (persistent sessions restored)")
 
     def s3_outage(self, seconds: float) -> None:
+        errors_before = self.stat("cloud", "counters", "store_errors")
         self.relay.kill()
         self.note(f"S3 unreachable for {seconds:.0f}s")
         time.sleep(seconds)
+        self.evidence["store errors during the S3 outage"] = (
+            self.stat("cloud", "counters", "store_errors") - errors_before)
         self.relay.start()
-        self.note("S3 reachable again")
+        self.note(f"S3 reachable again ({self.evidence['store errors during the S3 outage']:.0f} failed writes)")
 
     # -- the scenario ----------------------------------------------------------------------
 
@@ -439,6 +449,7 @@ def report(scenario: Chaos, outcome: Outcome) -> str:
         f"lost (first 10): {sorted(outcome.lost)[:10]}",
         f"stored but never published (first 10): {sorted(outcome.unknown)[:10]}",
         "timeline:", *scenario.events,
+        f"evidence: {scenario.evidence}",
         "counters:", scenario.counters(),
         "edge log tail:", scenario.log_tail("edge"),
         "cloud log tail:", scenario.log_tail("cloud"),
@@ -454,6 +465,10 @@ def test_qos1_loses_nothing_and_stores_each_face_once(chaos, capsys):
         print(f"\n{outcome.line()}", flush=True)
     log.info("chaos QoS 1 took %.0fs", time.monotonic() - started)
 
+    # The faults must have bitten: faces piled up in the spool while the cable was cut, and
+    # the savers failed to write while S3 was away.
+    for what, value in scenario.evidence.items():
+        assert value > 0, f"{what}: {value} (the fault had no effect?)\n{report(scenario, outcome)}"
     acked = set((scenario.work / "acked.txt").read_text().split())
     assert len(acked) == FACES, f"the edge broker acknowledged {len(acked)} of {FACES} faces"
     assert acked <= outcome.published, "the collector missed faces the edge broker acknowledged"
