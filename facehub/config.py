@@ -61,7 +61,17 @@ class BrokerConfig:
 
 @dataclass
 class DetectorConfig:
-    """Camera source, detection backend and what to send per face."""
+    """Camera source, detection backend and what to send per face.
+
+    Haar defaults (see facehub/detection/haar.py): proposals from
+    ``cascade`` at ``scale_factor``/``min_neighbors``, each confirmed by
+    ``verify_cascade`` firing at least ``verify_hits`` times (0 = off).
+    ``min_size`` is in pixels of the detection image (frames are shrunk to
+    ``detect_width``, or enlarged by up to ``upscale`` when narrower).
+    ``score_threshold`` and ``nms_threshold`` are YuNet's. Duplicates: one crop
+    per track per ``dedup_interval`` seconds (0 = every detection); a track ends
+    when unseen for ``track_timeout`` seconds.
+    """
 
     source: str = "0"
     loop: bool = False
@@ -70,19 +80,22 @@ class DetectorConfig:
     fps: float = 0.0
     backend: str = "haar"
     cascade: str = "haarcascade_frontalface_default.xml"
+    verify_cascade: str = "haarcascade_frontalface_alt.xml"
+    verify_hits: int = 3
     model_path: str = ""
     scale_factor: float = 1.1
-    min_neighbors: int = 5
+    min_neighbors: int = 1
     min_size: int = 20
     detect_width: int = 640
     upscale: float = 1.0
-    score_threshold: float = 0.6
+    score_threshold: float = 0.8
     nms_threshold: float = 0.3
     margin: float = 0.2
     jpeg_quality: int = 90
-    detect_every: int = 1
+    detect_every: int = 10
     dedup_interval: float = 1.0
     track_iou: float = 0.3
+    track_timeout: float = 1.0
     queue_size: int = 1000
     threads: int = 1
     reopen_min: float = 0.5
@@ -96,15 +109,22 @@ class DetectorConfig:
                f"file not found: {self.model_path}")
         _check(self.scale_factor > 1.0, f"{section}.scale_factor", "must be > 1.0")
         _check(self.min_neighbors >= 0, f"{section}.min_neighbors", "must be >= 0")
+        _check(self.verify_hits >= 0, f"{section}.verify_hits", "must be >= 0 (0 = no verification)")
         _check(self.min_size >= 1, f"{section}.min_size", "must be >= 1")
         _check(self.detect_width >= 0, f"{section}.detect_width", "must be >= 0 (0 = full size)")
-        _check(self.upscale > 0, f"{section}.upscale", "must be > 0")
+        _check(self.upscale >= 1, f"{section}.upscale", "must be >= 1 (1 = never enlarge)")
+        _check(0 < self.score_threshold < 1, f"{section}.score_threshold", "must be between 0 and 1")
+        _check(0 < self.nms_threshold < 1, f"{section}.nms_threshold", "must be between 0 and 1")
         _check(0 <= self.margin <= 1, f"{section}.margin", "must be between 0 and 1")
         _check(1 <= self.jpeg_quality <= 100, f"{section}.jpeg_quality", "must be 1..100")
         _check(self.detect_every >= 1, f"{section}.detect_every", "must be >= 1")
         _check(self.dedup_interval >= 0, f"{section}.dedup_interval", "must be >= 0 (0 = send all)")
+        _check(0 < self.track_iou <= 1, f"{section}.track_iou", "must be > 0 and <= 1")
+        _check(self.track_timeout > 0, f"{section}.track_timeout", "must be > 0")
         _check(self.queue_size >= 1, f"{section}.queue_size", "must be >= 1")
         _check(self.threads >= 1, f"{section}.threads", "must be >= 1")
+        _check(0 < self.reopen_min <= self.reopen_max, f"{section}.reopen_min",
+               "must be > 0 and <= reopen_max")
         _check(self.width >= 0 and self.height >= 0 and self.fps >= 0, f"{section}.width",
                "width, height and fps must be >= 0 (0 = camera default)")
 

@@ -1,0 +1,421 @@
+"""The detector component: camera frames in, one MQTT message per face out.
+
+Four stages, each a small function or method a benchmark can time alone:
+
+1. *capture*: :class:`FrameReader` reads frames from the configured source
+   (camera, file, stream, GStreamer pipeline) and reopens it with exponential
+   backoff when it cannot be opened or stops delivering; a video file that is
+   not looped simply ends the component (exit 0, so it is not restarted).
+2. *detect*: :meth:`FaceFinder.locate` runs the backend on a downscaled grey
+   copy of the frame every ``detect_every`` frames, and in between only
+   re-finds the faces it is tracking, near their last boxes.
+3. *crop + encode*: :meth:`FaceFinder.select` links detections into tracks,
+   applies duplicate suppression (at most one crop per face per
+   ``dedup_interval``, the largest) and JPEG-encodes the crops to send, cut from
+   the full-resolution colour frame with a margin.
+4. *publish*: :class:`FacePublisher` sends each face on ``<prefix>/<device>``
+   with its metadata as MQTT v5 properties, from its own thread and a bounded
+   queue, so a slow or absent broker never stalls capture: when the queue is
+   full the oldest face is dropped and counted.
+
+Counters: ``frames``, ``faces_detected``, ``faces_published`` (acknowledged by
+the broker at QoS >= 1), ``faces_suppressed``, ``faces_dropped``,
+``source_errors``; percentiles of ``publish_latency_ms`` (capture to
+acknowledgement).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import cv2
+import numpy as np
+from paho.mqtt.enums import MQTTErrorCode
+
+from . import mqtt
+from .config import Config, DetectorConfig
+from .detection import SAMPLE_CLIP, Detection, SourceError, Tracker, make_backend
+from .detection.crop import crop, encode_jpeg
+from .detection.source import Source, describe, open_source
+from .messages import Face
+from .runtime import Runtime
+
+__all__ = ["SAMPLE_CLIP", "FaceFinder", "FacePublisher", "FrameReader", "detect_command", "run"]
+
+log = logging.getLogger(__name__)
+
+PUBLISH_WINDOW = 100  # faces handed to the MQTT client and not yet acknowledged
+CLOSE_TIMEOUT = 3.0  # seconds to finish sending queued faces when stopping
+DROP_LOG_INTERVAL = 10.0
+
+
+def run(config: Config, runtime: Runtime) -> None:
+    """The detector component: capture, detect, publish until stopped or a non-looped file ends."""
+    cfg = config.detector
+    quiet_opencv()
+    cv2.setNumThreads(cfg.threads)
+    try:
+        finder = FaceFinder(cfg, config.device_id)
+    except ValueError as error:
+        log.error("detector cannot start: %s", error)
+        raise SystemExit(1) from None
+    publisher = FacePublisher(config, runtime)
+    publisher.start()
+    reader = FrameReader(cfg, runtime)
+    log.info("detector: %s backend, publishing on %s at QoS %d", finder.backend.name, config.topic,
+             config.local.qos)
+    try:
+        for frame, number, captured_ms, clock in reader.frames():
+            runtime.count("frames")
+            detections = finder.locate(frame)
+            faces, suppressed = finder.select(detections, frame, number, captured_ms, clock)
+            if detections:
+                runtime.count("faces_detected", len(detections))
+            if suppressed:
+                runtime.count("faces_suppressed", suppressed)
+            for face in faces:
+                publisher.put(face)
+            runtime.beat()
+        held = finder.close()
+        if held:
+            runtime.count("faces_suppressed", held)
+        if reader.ended:
+            log.info("detector: %s ended; sending the last faces", reader.source_label)
+            publisher.wait_idle(runtime)
+    finally:
+        publisher.close(CLOSE_TIMEOUT)
+        runtime.gauge("queue_depth", 0)
+        runtime.flush()
+
+
+# -- capture ---------------------------------------------------------------------------------
+
+
+class FrameReader:
+    """Frames from the configured source, reopening it with exponential backoff when it fails.
+
+    :meth:`frames` yields ``(frame, number, captured_ms, clock)``: ``number``
+    counts frames since the component started, ``captured_ms`` is the wall-clock
+    time the frame was read, and ``clock`` is the time duplicate suppression
+    uses: the video's own time for files (so a file gives the same faces however
+    fast it is read), a monotonic clock for live sources.
+    """
+
+    def __init__(self, cfg: DetectorConfig, runtime: Runtime):
+        self.cfg = cfg
+        self.runtime = runtime
+        self.ended = False
+        self.source_label = cfg.source
+        self._delay = cfg.reopen_min
+        self._number = 0
+        self._file_frames = 0  # frames read from files, across loops: the video clock
+
+    def frames(self) -> Iterator[tuple[np.ndarray, int, int, float]]:
+        while not self.runtime.stop.is_set():
+            try:
+                capture, source = open_source(self.cfg.source, self.cfg.width, self.cfg.height, self.cfg.fps)
+            except SourceError as error:
+                self._failed(str(error))
+                continue
+            self.source_label = source.label
+            log.info("detector: reading %s (%s)", source.label, describe(capture))
+            try:
+                read = yield from self._read(capture, source)
+            finally:
+                capture.release()
+            if self.runtime.stop.is_set():
+                return
+            if source.ends and read:
+                self._delay = self.cfg.reopen_min
+                if not self.cfg.loop:
+                    self.ended = True
+                    log.info("detector: %s ended after %d frames", source.label, read)
+                    return
+                log.info("detector: %s ended after %d frames; playing it again", source.label, read)
+                continue
+            if read:
+                self._delay = self.cfg.reopen_min
+            self._failed(f"{source.label}: no frame could be read" if not read
+                         else f"{source.label}: stopped delivering frames after {read}")
+
+    def _read(self, capture: cv2.VideoCapture, source: Source):
+        """Yield frames until the capture fails or ends; returns how many were read."""
+        rate = capture.get(cv2.CAP_PROP_FPS) if source.ends else 0.0
+        rate = rate if 0 < rate < 1000 else 25.0
+        pace = self.cfg.fps if source.ends and self.cfg.fps > 0 else 0.0
+        started = time.monotonic()
+        read = 0
+        while not self.runtime.stop.is_set():
+            ok, frame = capture.read()
+            if not ok or frame is None:
+                break
+            read += 1
+            self._number += 1
+            if source.ends:
+                self._file_frames += 1
+                clock = self._file_frames / rate
+            else:
+                clock = time.monotonic()
+            yield frame, self._number, int(time.time() * 1000), clock
+            if pace:
+                self.runtime.stop.wait(max(0.0, started + read / pace - time.monotonic()))
+        return read
+
+    def _failed(self, reason: str) -> None:
+        """Log and count a source failure, then wait (beating) before the next attempt."""
+        self.runtime.count("source_errors")
+        log.warning("detector: %s; retrying in %.1fs", reason, self._delay)
+        deadline = time.monotonic() + self._delay
+        self._delay = min(self._delay * 2, self.cfg.reopen_max)
+        while not self.runtime.stop.is_set():
+            self.runtime.beat()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self.runtime.stop.wait(min(left, 0.5))
+
+
+def read_frame(capture: cv2.VideoCapture) -> np.ndarray | None:
+    """One frame, or None at the end or on failure (the capture stage, for benchmarks)."""
+    ok, frame = capture.read()
+    return frame if ok else None
+
+
+# -- detect, track, crop + encode --------------------------------------------------------------
+
+
+@dataclass
+class Sighting:
+    """What is kept of a detection that may be sent: its crop and where it came from."""
+
+    crop: np.ndarray
+    box: tuple[int, int, int, int]
+    score: float | None
+    frame: int
+    captured_ms: int
+
+
+class FaceFinder:
+    """Frames in, faces worth sending out: detection, tracking, duplicate suppression, crops."""
+
+    def __init__(self, cfg: DetectorConfig, device_id: str, backend=None):
+        self.cfg = cfg
+        self.device_id = device_id
+        self.backend = backend or make_backend(cfg)
+        self.tracker = Tracker(cfg.track_iou, cfg.dedup_interval, cfg.track_timeout)
+        self._until_detect = 0
+
+    def locate(self, frame: np.ndarray) -> list[Detection]:
+        """The detect stage: a full search every ``detect_every`` frames, else follow the tracks."""
+        if self._until_detect <= 0:
+            self._until_detect = self.cfg.detect_every - 1
+            return self.backend.detect(frame)
+        self._until_detect -= 1
+        boxes = self.tracker.boxes()
+        return self.backend.follow(frame, boxes) if boxes else []
+
+    def select(self, detections: Sequence[Detection], frame: np.ndarray, number: int, captured_ms: int,
+               clock: float) -> tuple[list[Face], int]:
+        """The crop + encode stage: track, suppress duplicates, encode what is due.
+
+        Returns the faces to publish and how many sightings were suppressed.
+        """
+        def keep(detection: Detection) -> Sighting:
+            return Sighting(crop(frame, detection, self.cfg.margin).copy(), detection.box, detection.score,
+                            number, captured_ms)
+
+        step = self.tracker.update(detections, clock, keep)
+        return [self.encode(track, sighting) for track, sighting in step.send], step.suppressed
+
+    def encode(self, track: int, sighting: Sighting) -> Face:
+        """A sighting as a :class:`Face` message value with a JPEG payload."""
+        return Face(image=encode_jpeg(sighting.crop, self.cfg.jpeg_quality), device_id=self.device_id,
+                    captured_ms=sighting.captured_ms, frame=sighting.frame, box=sighting.box,
+                    score=sighting.score, track=track)
+
+    def close(self) -> int:
+        """End all tracks; returns the held sightings never sent (to count as suppressed)."""
+        return self.tracker.close()
+
+
+# -- publish -----------------------------------------------------------------------------------
+
+
+class FacePublisher:
+    """Publishes faces from a bounded queue on its own thread.
+
+    ``put`` never blocks: capture goes on while the broker is away, and when the
+    queue is full the oldest face is dropped and counted (``faces_dropped``).
+    The thread hands faces to the MQTT client only while connected and while
+    fewer than :data:`PUBLISH_WINDOW` await acknowledgement, so memory stays
+    bounded by the queue size. A face counts as published when the broker
+    acknowledges it (QoS 1/2) or it was written to the socket (QoS 0).
+    """
+
+    def __init__(self, config: Config, runtime: Runtime, client_id: str | None = None):
+        self.broker = config.local
+        self.topic = config.topic
+        self.qos = config.local.qos
+        self.capacity = config.detector.queue_size
+        self.runtime = runtime
+        self.queue: deque[Face] = deque()
+        self.inflight: dict[int, Face] = {}
+        self._acked_early: dict[int, object] = {}
+        self._cond = threading.Condition()
+        self._closing = False
+        self._abandon = False
+        self._last_drop_log = 0.0
+        self.client = mqtt.make_client(self.broker, client_id or f"facehub-detector-{config.device_id}")
+        self.state = mqtt.ConnectionState("detector -> local broker")
+        self.state.attach(self.client)
+        self.client.on_publish = self._on_publish
+        self._thread = threading.Thread(target=self._run, name="facehub-publisher", daemon=True)
+
+    def start(self) -> None:
+        mqtt.start(self.client, self.broker, persistent=True)
+        self._thread.start()
+
+    def put(self, face: Face) -> None:
+        """Queue a face for publishing; drops (and counts) the oldest when the queue is full."""
+        with self._cond:
+            if len(self.queue) >= self.capacity:
+                self.queue.popleft()
+                self.runtime.count("faces_dropped")
+                self._log_drop()
+            self.queue.append(face)
+            self._cond.notify()
+        self.runtime.gauge("queue_depth", len(self.queue))
+
+    def pending(self) -> int:
+        """Faces queued or awaiting acknowledgement."""
+        with self._cond:
+            return len(self.queue) + len(self.inflight)
+
+    def wait_idle(self, runtime: Runtime) -> None:
+        """Wait (beating) until every queued face is acknowledged, or until stopped."""
+        while self.pending() and not runtime.stop.is_set():
+            runtime.beat()
+            runtime.stop.wait(0.1)
+
+    def close(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Send what can be sent within ``timeout``, then disconnect; what is left is counted dropped."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+            while (self.queue or self.inflight) and self.state.connected.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, 0.1))
+            self._abandon = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2.0)
+        mqtt.stop(self.client)
+        with self._cond:
+            lost = len(self.queue) + len(self.inflight)
+            self.queue.clear()
+            self.inflight.clear()
+        if lost:
+            self.runtime.count("faces_dropped", lost)
+            log.warning("detector: %d faces not confirmed by the broker at shutdown (counted as dropped)", lost)
+
+    def publish_one(self, face: Face) -> MQTTErrorCode:
+        """Hand one face to the MQTT client (the publish stage, for benchmarks)."""
+        info = self.client.publish(self.topic, face.image, qos=self.qos, properties=face.properties())
+        with self._cond:
+            taken = info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS or (
+                info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN and self.qos > 0)  # kept and resent by paho
+            if taken:
+                reason = self._acked_early.pop(info.mid, None)
+                if reason is None:
+                    self.inflight[info.mid] = face
+                else:
+                    self._done(face, reason)
+            else:
+                self.queue.appendleft(face)
+        return info.rc
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._ready():
+                    if self._abandon or (self._closing and not self.queue):
+                        return
+                    self._cond.wait(0.1)
+                face = self.queue.popleft()
+            if self.publish_one(face) not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
+                time.sleep(0.05)  # the client refused it (queue full, bad state): back off briefly
+
+    def _ready(self) -> bool:
+        return bool(self.queue) and self.state.connected.is_set() and len(self.inflight) < PUBLISH_WINDOW \
+            and not self._abandon
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        with self._cond:
+            face = self.inflight.pop(mid, None)
+            if face is None:
+                self._acked_early[mid] = reason_code
+                return
+            self._done(face, reason_code)
+            self._cond.notify_all()
+
+    def _done(self, face: Face, reason_code) -> None:
+        if getattr(reason_code, "is_failure", False):
+            self.runtime.count("faces_dropped")
+            log.warning("detector: broker refused face %s: %s", face.face_id, reason_code)
+            return
+        self.runtime.count("faces_published")
+        self.runtime.observe("publish_latency_ms", time.time() * 1000 - face.captured_ms)
+
+    def _log_drop(self) -> None:
+        now = time.monotonic()
+        if now - self._last_drop_log >= DROP_LOG_INTERVAL:
+            self._last_drop_log = now
+            log.warning("detector: publish queue full (%d faces; broker unreachable?): dropping the oldest",
+                        self.capacity)
+
+
+# -- facehub detect ------------------------------------------------------------------------------
+
+
+def detect_command(config: Config, paths: Sequence[str]) -> int:
+    """``facehub detect IMAGE...``: one JSON line per image with the boxes the configured detector finds.
+
+    Boxes are ``[x, y, w, h]`` in the image's own pixels. An unreadable image
+    gives a line with an ``error`` key and exit code 1; the others are still done.
+    """
+    quiet_opencv()
+    cv2.setNumThreads(config.detector.threads)
+    try:
+        backend = make_backend(config.detector)
+    except ValueError as error:
+        print(json.dumps({"error": str(error)}), flush=True)
+        return 2
+    status = 0
+    for path in paths:
+        image = cv2.imread(path, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        if image is None:
+            reason = "no such file" if not Path(path).exists() else "not an image OpenCV can read"
+            print(json.dumps({"file": path, "error": reason}), flush=True)
+            status = 1
+            continue
+        faces = backend.detect(image)
+        print(json.dumps({"file": path, "faces": [[d.x, d.y, d.w, d.h] for d in faces]}), flush=True)
+    return status
+
+
+def quiet_opencv() -> None:
+    """Keep OpenCV's own warnings (failed camera probes...) out of the log: we log the reason ourselves."""
+    try:
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    except AttributeError:
+        pass
