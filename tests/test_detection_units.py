@@ -104,3 +104,10 @@ def test_sample_clip_is_small_and_readable():
 def test_missing_cascade_is_a_clear_error():
     with pytest.raises(ValueError, match="cannot load Haar cascade"):
         make_backend(DetectorConfig(cascade="no_such_cascade.xml"))
+
+
+def test_gstreamer_pipeline_failure_names_the_cause():
+    from facehub.detection.source import SourceError, open_source
+
+    with pytest.raises(SourceError, match="GStreamer pipeline 'videotestsrc ! appsink': OpenCV cannot open it"):
+        open_source("videotestsrc ! appsink")

@@ -1,0 +1,89 @@
+"""Real detection on the labelled photos in ../shared/faces (dlib's XML format, IoU >= 0.4 is a match)."""
+
+import xml.etree.ElementTree as ET
+
+import cv2
+import pytest
+
+from conftest import YUNET_MODEL
+from facehub.config import DetectorConfig
+from facehub.detection import make_backend
+from facehub.detection.crop import iou
+
+
+def labelled_photos(folder):
+    """{file name: [(x, y, w, h), ...]} from training.xml (``<box top left width height>``)."""
+    root = ET.parse(folder / "training.xml").getroot()
+    return {image.get("file"): [(int(b.get("left")), int(b.get("top")), int(b.get("width")), int(b.get("height")))
+                                for b in image.iter("box")]
+            for image in root.iter("image")}
+
+
+def score(backend, folder):
+    """(true positives, false positives, labelled faces): greedy one-to-one matching at IoU >= 0.4."""
+    hits = false = total = 0
+    for name, labels in labelled_photos(folder).items():
+        found = backend.detect(cv2.imread(str(folder / name)))
+        total += len(labels)
+        unmatched = list(labels)
+        for box in found:
+            match = next((label for label in unmatched if iou(box, label) >= 0.4), None)
+            if match is None:
+                false += 1
+            else:
+                unmatched.remove(match)
+                hits += 1
+    return hits, false, total
+
+
+def test_labels_are_read(shared_faces):
+    photos = labelled_photos(shared_faces)
+    assert len(photos) == 4 and sum(len(boxes) for boxes in photos.values()) == 18
+
+
+def test_default_haar_settings_recall_and_precision(shared_faces):
+    hits, false, total = score(make_backend(DetectorConfig()), shared_faces)
+    recall, precision = hits / total, hits / (hits + false)
+    assert recall >= 0.9 and precision >= 0.9, f"recall {recall:.2f}, precision {precision:.2f}"
+
+
+def test_default_haar_settings_find_nothing_on_dogs(shared_faces):
+    assert make_backend(DetectorConfig()).detect(cv2.imread(str(shared_faces / "dogs.jpg"))) == []
+
+
+def test_verification_is_what_keeps_precision(shared_faces):
+    """Without the second cascade the same proposals bring false positives (the test can fail)."""
+    hits, false, _ = score(make_backend(DetectorConfig(verify_hits=0)), shared_faces)
+    assert false > 5 and hits >= 17
+
+
+def test_typical_settings_miss_half_the_faces(shared_faces):
+    """The usual detectMultiScale(gray, 1.3, 5) finds 9 of the 18: the reference the defaults beat."""
+    hits, _, total = score(make_backend(DetectorConfig(scale_factor=1.3, min_neighbors=5, verify_hits=0)),
+                           shared_faces)
+    assert hits <= total // 2 + 1
+
+
+def test_yunet_recall(shared_faces):
+    if not YUNET_MODEL.is_file():
+        pytest.skip(f"YuNet model not found at {YUNET_MODEL}")
+    backend = make_backend(DetectorConfig(backend="yunet", model_path=str(YUNET_MODEL)))
+    hits, false, total = score(backend, shared_faces)
+    assert hits / total >= 0.95 and hits / (hits + false) >= 0.9
+    faces = backend.detect(cv2.imread(str(shared_faces / "2008_001009.jpg")))
+    assert faces and all(0.8 <= face.score <= 1 for face in faces), "YuNet gives a score per face"
+
+
+def test_detection_on_a_large_frame_is_mapped_back_to_full_resolution():
+    """A frame wider than detect_width is searched shrunk; boxes come back in the frame's own pixels."""
+    from facehub.detection.source import SAMPLE_CLIP
+
+    capture = cv2.VideoCapture(str(SAMPLE_CLIP))
+    capture.set(cv2.CAP_PROP_POS_FRAMES, 100)
+    ok, frame = capture.read()
+    capture.release()
+    assert ok
+    backend = make_backend(DetectorConfig())
+    (small,) = backend.detect(frame)
+    (large,) = backend.detect(cv2.resize(frame, None, fx=2, fy=2, interpolation=cv2.INTER_LINEAR))
+    assert large.w > 100 and iou(large, [2 * v for v in small[:4]]) >= 0.8
