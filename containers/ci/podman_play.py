@@ -6,7 +6,9 @@ It has no Namespace, Service or NetworkPolicy (with ``--network host`` the pods 
 each other on 127.0.0.1), and podman 4.3 mishandles Secrets: a Secret document is stored
 as YAML, which ``secretKeyRef`` then fails to parse as JSON. So Secrets are written out
 as the JSON map of base64 values that ``secretKeyRef`` reads, to be added with
-``podman secret create NAME FILE`` before the play.
+``podman secret create NAME FILE`` before the play. And with host networking podman
+4.3 refuses ``containerPort`` entries (it takes them for port mappings), so they are
+dropped, with probes that named a port given its number.
 
     podman_play.py MANIFESTS_DIR PLAY_YAML SECRETS_DIR
 
@@ -30,6 +32,17 @@ SKIPPED = {
 }
 
 
+def host_network_ports(doc: dict) -> None:
+    """Drop container ports (host networking), resolving named probe ports first."""
+    spec = doc["spec"]["template"]["spec"] if doc["kind"] == "Deployment" else doc["spec"]
+    for container in spec.get("containers", []):
+        numbers = {port.get("name"): port["containerPort"] for port in container.pop("ports", [])}
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            action = container.get(probe, {}).get("tcpSocket")
+            if action and isinstance(action.get("port"), str):
+                action["port"] = numbers[action["port"]]
+
+
 def split(manifests: Path, play: Path, secrets: Path) -> int:
     secrets.mkdir(parents=True, exist_ok=True)
     documents = []
@@ -39,6 +52,8 @@ def split(manifests: Path, play: Path, secrets: Path) -> int:
                 continue
             kind, name = doc["kind"], doc["metadata"]["name"]
             if kind in PLAYED:
+                if kind in ("Deployment", "Pod"):
+                    host_network_ports(doc)
                 documents.append(doc)
                 print(f"played  {kind}/{name}")
             elif kind == "Secret":
