@@ -92,7 +92,7 @@ class DetectorConfig:
     nms_threshold: float = 0.3
     margin: float = 0.2
     jpeg_quality: int = 90
-    detect_every: int = 10
+    detect_every: int = 15
     dedup_interval: float = 1.0
     track_iou: float = 0.3
     track_timeout: float = 1.0

@@ -4,8 +4,8 @@ import xml.etree.ElementTree as ET
 
 import cv2
 import pytest
-
 from conftest import YUNET_MODEL
+
 from facehub.config import DetectorConfig
 from facehub.detection import make_backend
 from facehub.detection.crop import iou

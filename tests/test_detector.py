@@ -10,12 +10,12 @@ import threading
 
 import cv2
 import numpy as np
+from servers import Mosquitto, free_port, wait_for
 
 from facehub import detector, messages, mqtt
 from facehub.config import Config
 from facehub.detection.source import SAMPLE_CLIP
 from facehub.runtime import Runtime
-from servers import Mosquitto, free_port, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -168,7 +168,7 @@ def test_unreadable_camera_is_a_logged_reason_not_a_traceback(tmp_path):
 
 
 def test_default_settings_follow_the_sample_face():
-    """Detection every 10th frame plus tracking keeps the face in most of the frames that show it."""
+    """Detection every 15th frame plus tracking keeps the face in most of the frames that show it."""
     finder = detector.FaceFinder(Config().detector, "cam-test")
     capture = cv2.VideoCapture(str(SAMPLE_CLIP))
     seen = frames = 0
@@ -207,7 +207,7 @@ def test_detect_command_prints_json_lines(shared_faces, tmp_path):
     junk.write_bytes(b"not an image")
     files = [str(shared_faces / "2008_001009.jpg"), str(tmp_path / "missing.jpg"), str(junk),
              str(shared_faces / "dogs.jpg")]
-    result = subprocess.run([sys.executable, "-m", "facehub.cli", "detect", *files], cwd=ROOT,
+    result = subprocess.run([sys.executable, "-m", "facehub.cli", "detect", *files], check=False, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]

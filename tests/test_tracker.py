@@ -1,5 +1,7 @@
 """Tracking and duplicate suppression: pure logic, driven by explicit clock values."""
 
+import itertools
+
 import pytest
 
 from facehub.detection.tracker import Tracker
@@ -41,7 +43,7 @@ def test_sends_are_at_least_an_interval_apart():
     for i in range(50):
         step = tracker.update([A], i / 10, keep=lambda box: box)
         step_times += [i / 10] * len(step.send)
-    gaps = [b - a for a, b in zip(step_times, step_times[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(step_times)]
     assert gaps and min(gaps) >= 1.0 - 1e-9
 
 

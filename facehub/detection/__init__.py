@@ -14,9 +14,24 @@ from .crop import crop, encode_jpeg, expand_box, iou, scale_box
 from .source import SAMPLE_CLIP, Source, SourceError, open_source, parse_source
 from .tracker import Step, Track, Tracker
 
-__all__ = ["Backend", "Detection", "SAMPLE_CLIP", "Source", "SourceError", "Step", "Track", "Tracker",
-           "crop", "encode_jpeg", "expand_box", "iou", "make_backend", "open_source", "parse_source",
-           "scale_box"]
+__all__ = [
+    "SAMPLE_CLIP",
+    "Backend",
+    "Detection",
+    "Source",
+    "SourceError",
+    "Step",
+    "Track",
+    "Tracker",
+    "crop",
+    "encode_jpeg",
+    "expand_box",
+    "iou",
+    "make_backend",
+    "open_source",
+    "parse_source",
+    "scale_box",
+]
 
 
 def make_backend(cfg: DetectorConfig) -> Backend:

@@ -8,7 +8,7 @@ frame, so the published crop has all the detail the camera delivered.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import cv2
 import numpy as np

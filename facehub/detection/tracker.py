@@ -26,8 +26,9 @@ not copy pixels it will throw away.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from .crop import iou
 
