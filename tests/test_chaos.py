@@ -296,7 +296,7 @@ class Chaos:
         return json.loads(self.client(self.pair.cloud, "list-s3", "--endpoint", self.s3.endpoint_url,
                                       "--bucket", BUCKET, "--prefix", PREFIX + "/"))
 
-    def log_tail(self, name: str, lines: int = 40) -> str:
+    def log_tail(self, name: str, lines: int = 15) -> str:
         """The last warnings and errors of a log (per-face info lines left out)."""
         try:
             text = (self.work / f"{name}.log").read_text(errors="replace")
