@@ -1,0 +1,156 @@
+"""``facehub bench``: speed and quality figures, printed as Markdown tables.
+
+    facehub bench                      everything below, on the built-in clip
+    facehub bench detector [--source PATH] [--threads N]
+    facehub bench quality  [--faces DIR] [--model YUNET.onnx]
+    facehub bench pipeline [--source PATH]
+
+Every figure is measured in the run that prints it, with the typical
+implementation (``bench/baseline.py``) measured beside FaceHub on the same
+input. ``bench detector`` ends with ``frames=N faces=N fps=X`` for FaceHub on
+the given source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+from ..config import ConfigError, load
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="facehub bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", nargs="?", default="all", choices=("all", "detector", "quality", "pipeline"))
+    parser.add_argument("--source", help="video file, camera index or URL (default: the built-in clip)")
+    parser.add_argument("--threads", type=int, action="append",
+                        help="OpenCV threads (repeatable; default: 1 and 2, or the one given)")
+    parser.add_argument("--frames", type=int, default=0, help="read at most this many frames (0 = all)")
+    parser.add_argument("--faces", type=Path, default=SHARED / "faces",
+                        help="folder with training.xml and photos for precision/recall")
+    parser.add_argument("--model", type=Path, default=SHARED / "models" / "face_detection_yunet.onnx",
+                        help="YuNet ONNX model for the quality table")
+    parser.add_argument("--no-publish", action="store_true", help="time detection without a broker")
+    return parser
+
+
+def main(argv: list[str] | None = None, config_path: str | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load(config_path)
+    except ConfigError as error:
+        print(f"facehub bench: invalid configuration: {error}")
+        return 2
+    from ..detection import SAMPLE_CLIP
+
+    source = args.source or str(SAMPLE_CLIP)
+    if args.what in ("all", "quality"):
+        bench_quality(config, args)
+    if args.what in ("all", "pipeline"):
+        bench_pipeline(source)
+    if args.what in ("all", "detector"):
+        return bench_detector(config, args, source)
+    return 0
+
+
+def bench_detector(config, args, source: str) -> int:
+    from ..localbroker import LocalBroker
+    from . import detector as bench
+
+    frames, capture_s = bench.read_frames(source, args.frames)
+    fps = 15.0
+    native = frames[0].shape[1::-1]
+    given = bool(args.source)
+    resolutions = [tuple(native)] if given else [(640, 480), (1280, 720)]
+    threads = args.threads or ([1] if given else [1, 2])
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="facehub-bench-") as work:
+        broker = None if args.no_publish else LocalBroker(Path(work) / "broker").start()
+        publisher = bench.Publisher(broker.port) if broker else None
+        try:
+            for width, height in resolutions:
+                sized = bench.at_resolution(frames, width, height, minimum=0 if given else 300)
+                for count in threads:
+                    config.detector.threads = count
+                    runs.append(bench.run_baseline(sized, count, publisher, capture_s))
+                    runs.append(bench.run_facehub(sized, config.detector, publisher, fps, capture_s))
+        finally:
+            if publisher:
+                publisher.close()
+            if broker:
+                broker.stop()
+    print(f"\n## Detector speed ({source}, {os.cpu_count()} cores)\n")
+    print(bench.table(runs))
+    for width, height in resolutions:
+        for count in threads:
+            ours = next(r for r in runs if r.name == "facehub" and (r.width, r.height, r.threads) == (width, height, count))
+            typical = next(r for r in runs if r.name == "typical" and (r.width, r.height, r.threads) == (width, height, count))
+            print(f"speed-up {width}x{height} threads={count}: {ours.fps / typical.fps:.1f}x "
+                  f"({ours.fps:.1f} vs {typical.fps:.1f} fps); faces sent per frame "
+                  f"{ours.sent / ours.frames:.2f} vs {typical.sent / typical.frames:.2f}")
+    typical = next(r for r in runs if r.name == "typical")
+    print(f"typical frames={typical.frames} faces={typical.sent} fps={typical.fps:.1f}")
+    final = next(r for r in runs if r.name == "facehub")
+    print(f"frames={final.frames} faces={final.sent} fps={final.fps:.1f}")
+    return 0
+
+
+def bench_quality(config, args) -> None:
+    from ..config import DetectorConfig
+    from ..detection import make_backend
+    from . import baseline, quality
+
+    if not (args.faces / "training.xml").is_file():
+        print(f"\n(no labelled photos at {args.faces}: quality table skipped; pass --faces DIR)")
+        return
+    rows = [("typical: Haar detectMultiScale(gray, 1.3, 5)", baseline.TypicalDetector().detect),
+            (f"facehub: {config.detector.backend} (configured defaults)", make_backend(config.detector).detect)]
+    if args.model.is_file():
+        rows.append(("facehub: yunet", make_backend(DetectorConfig(backend="yunet",
+                                                                  model_path=str(args.model))).detect))
+    print(f"\n## Detection quality ({args.faces}, match at IoU >= {quality.MATCH_IOU})\n")
+    print("| detector | labelled | found | false | recall | precision |\n|---|---|---|---|---|---|")
+    for name, detect in rows:
+        s = quality.score(detect, args.faces)
+        print(f"| {name} | {s.labelled} | {s.hits} | {s.false} | {s.recall:.2f} | {s.precision:.2f} |")
+    dogs = args.faces / "dogs.jpg"
+    if dogs.is_file():
+        import cv2
+
+        image = cv2.imread(str(dogs))
+        print("\nfalse faces on dogs.jpg: " + ", ".join(f"{name.split(':')[0]} {len(detect(image))}"
+                                                         for name, detect in rows))
+
+
+def bench_pipeline(source: str) -> None:
+    from . import pipeline
+
+    with tempfile.TemporaryDirectory(prefix="facehub-bench-") as work:
+        work = Path(work)
+        relays = [pipeline.relay_throughput(kind, work) for kind in ("bridge", "forwarder")]
+        saver = pipeline.saver_throughput(work)
+        e2e = pipeline.end_to_end(source, work)
+    print("\n## Relay and storage throughput (10 KB faces, QoS 1, loopback brokers)\n")
+    print("| hop | messages | seconds | messages/s |\n|---|---|---|---|")
+    names = {"bridge": "mosquitto bridge (typical)", "forwarder": "facehub forwarder (durable spool)",
+             "saver": "facehub saver into moto S3"}
+    for row in relays + [saver]:
+        print(f"| {names[row['kind']]} | {row['messages']} | {row['seconds']:.1f} | {row['rate']:.0f} |")
+    latency, publish = e2e["latency_ms"], e2e["publish_latency_ms"]
+    print(f"\n## End to end ({source} through two brokers into moto S3)\n")
+    print("| frames | faces published | faces stored | seconds | faces/s | capture->published ms p50/p95/p99 "
+          "| capture->stored ms p50/p95/p99 | peak RSS edge | peak RSS cloud |\n|---|---|---|---|---|---|---|---|---|")
+    print(f"| {e2e['frames']} | {e2e['published']} | {e2e['stored']} | {e2e['seconds']:.1f} | "
+          f"{e2e['faces_per_s']:.1f} | {_pcts(publish)} | {_pcts(latency)} | "
+          f"{e2e['peak_rss_edge'] / 2**20:.0f} MiB | {e2e['peak_rss_cloud'] / 2**20:.0f} MiB |")
+
+
+def _pcts(values: dict) -> str:
+    if not values.get("count"):
+        return "n/a"
+    return f"{values['p50']:.0f}/{values['p95']:.0f}/{values['p99']:.0f}"
