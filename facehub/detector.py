@@ -118,14 +118,17 @@ class FrameReader:
         self._file_frames = 0  # frames read from files, across loops: the video clock
 
     def frames(self) -> Iterator[tuple[np.ndarray, int, int, float]]:
+        replay = False  # a looped file starting again: not worth an INFO line each time
         while not self.runtime.stop.is_set():
             try:
                 capture, source = open_source(self.cfg.source, self.cfg.width, self.cfg.height, self.cfg.fps)
             except SourceError as error:
                 self._failed(str(error))
+                replay = False
                 continue
-            self.source_label = source.label
-            log.info("detector: reading %s (%s)", source.label, describe(capture))
+            log.log(logging.DEBUG if replay else logging.INFO, "detector: reading %s (%s)", source.label,
+                    describe(capture))
+            self.source_label, replay = source.label, False
             try:
                 read = yield from self._read(capture, source)
             finally:
@@ -138,7 +141,8 @@ class FrameReader:
                     self.ended = True
                     log.info("detector: %s ended after %d frames", source.label, read)
                     return
-                log.info("detector: %s ended after %d frames; playing it again", source.label, read)
+                log.debug("detector: %s ended after %d frames; playing it again", source.label, read)
+                replay = True
                 continue
             if read:
                 self._delay = self.cfg.reopen_min
