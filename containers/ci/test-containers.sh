@@ -59,6 +59,13 @@ done
 work=$(mktemp -d /tmp/facehub-containers.XXXXXX)
 chmod 0755 "$work"
 service_pid=""
+stop_leftovers() {  # processes whose command line names this run's folder
+    local deadline=$(( $(date +%s) + 20 ))
+    while pgrep -f "$work/" >/dev/null && [ "$(date +%s)" -lt "$deadline" ]; do
+        pgrep -f "$work/" | xargs -r kill 2>/dev/null
+        sleep 0.5
+    done
+}
 cleanup() {
     local status=$?
     set +e
@@ -74,9 +81,11 @@ cleanup() {
     [ -n "$service_pid" ] && kill "$service_pid" 2>/dev/null && wait "$service_pid" 2>/dev/null
     podman pod rm -f -a -t 5 >/dev/null 2>&1
     podman rm -f -a -t 5 >/dev/null 2>&1
+    # conmon lingers after `podman exec` (an exit delay) and then runs a cleanup that
+    # touches the storage: end this run's (and only this run's) before removing it.
+    stop_leftovers
     podman system reset --force >/dev/null 2>&1
-    # conmon lingers after `podman exec` (exit delay); end those of this run only.
-    pgrep -f "$work/" | xargs -r kill 2>/dev/null
+    stop_leftovers
     grep " $work/" /proc/mounts | awk '{print $2}' | sort -r | xargs -r -n1 umount -l 2>/dev/null
     if [ -n "$keep" ]; then
         say "kept $work"
