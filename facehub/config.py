@@ -69,8 +69,10 @@ class DetectorConfig:
     ``min_size`` is in pixels of the detection image (frames are shrunk to
     ``detect_width``, or enlarged by up to ``upscale`` when narrower).
     ``score_threshold`` and ``nms_threshold`` are YuNet's. Duplicates: one crop
-    per track per ``dedup_interval`` seconds (0 = every detection); a track ends
-    when unseen for ``track_timeout`` seconds.
+    per track per ``dedup_interval`` seconds (0 = every detection): the largest
+    of the interval when ``dedup_best`` (sent up to an interval late), else the
+    first once the interval has passed (lowest latency); a track ends when
+    unseen for ``track_timeout`` seconds.
     """
 
     source: str = "0"
@@ -94,6 +96,7 @@ class DetectorConfig:
     jpeg_quality: int = 90
     detect_every: int = 15
     dedup_interval: float = 1.0
+    dedup_best: bool = True
     track_iou: float = 0.3
     track_timeout: float = 1.0
     queue_size: int = 1000

@@ -213,7 +213,7 @@ class FaceFinder:
         self.cfg = cfg
         self.device_id = device_id
         self.backend = backend or make_backend(cfg)
-        self.tracker = Tracker(cfg.track_iou, cfg.dedup_interval, cfg.track_timeout)
+        self.tracker = Tracker(cfg.track_iou, cfg.dedup_interval, cfg.track_timeout, cfg.dedup_best)
         self._until_detect = 0
 
     def locate(self, frame: np.ndarray) -> list[Detection]:

@@ -118,3 +118,10 @@ def test_every_sighting_is_sent_suppressed_or_held(interval):
         step = tracker.update(boxes, i / 15, keep=lambda b: b)
         sent_or_suppressed += len(step.send) + step.suppressed
     assert sent_or_suppressed + tracker.close() == total
+
+
+def test_without_holding_the_first_sighting_after_the_interval_is_sent_at_once():
+    tracker = Tracker(interval=1.0, timeout=5.0, hold_best=False)
+    sent, suppressed = feed(tracker, [(0.0, [A]), (0.5, [A_BIGGER]), (1.1, [A]), (1.5, [A_BIGGER]), (2.2, [A])])
+    assert [(box, seen) for _, box, seen in sent] == [(A, 0.0), (A, 1.1), (A, 2.2)]
+    assert suppressed == 2 and tracker.close() == 0, "nothing is held"

@@ -17,7 +17,10 @@ and applies the duplicate-suppression policy:
   ``timeout`` seconds ends; a best sighting it still holds was preceded by a
   sent crop of the same face and is counted as suppressed.
 
-``interval = 0`` sends every sighting. The tracker is pure logic: what it
+``interval = 0`` sends every sighting. ``hold_best = False`` trades the
+choice of crop for latency: the first sighting after the interval is sent at
+once instead of the largest of the interval, which may be sent up to an
+interval after it was captured. The tracker is pure logic: what it
 keeps for a sighting (the crop) is produced by the caller's ``keep`` callback,
 called only for sightings that are sent or may be sent, so the hot path does
 not copy pixels it will throw away.
@@ -59,10 +62,12 @@ class Step:
 class Tracker:
     """Intersection-over-union tracker with per-track duplicate suppression."""
 
-    def __init__(self, iou_threshold: float = 0.3, interval: float = 1.0, timeout: float = 1.0):
+    def __init__(self, iou_threshold: float = 0.3, interval: float = 1.0, timeout: float = 1.0,
+                 hold_best: bool = True):
         self.iou_threshold = iou_threshold
         self.interval = interval
         self.timeout = timeout
+        self.hold_best = hold_best
         self.tracks: dict[int, Track] = {}
         self._ids = itertools.count(1)
 
@@ -121,9 +126,13 @@ class Tracker:
 
     def _offer(self, track: Track, detection: Any, now: float, keep: Callable[[Any], Any],
                step: Step) -> None:
-        if self.interval <= 0 or track.last_sent is None:
+        if self.interval <= 0 or track.last_sent is None or (
+                not self.hold_best and now - track.last_sent >= self.interval):
             step.send.append((track.id, keep(detection)))
             track.last_sent = now
+            return
+        if not self.hold_best:
+            step.suppressed += 1
             return
         area = int(detection[2]) * int(detection[3])
         if area >= track.best_area:
