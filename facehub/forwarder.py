@@ -68,6 +68,14 @@ class Received:
     record: Record
 
 
+NO_MATCHING_SUBSCRIBERS = 16  # MQTT v5 PUBACK reason code: accepted, but nobody will get it
+
+
+def delivered_to_a_subscriber(reason_code) -> bool:
+    """True when the cloud broker took responsibility for the face (it has somewhere to go)."""
+    return not reason_code.is_failure and reason_code.value != NO_MATCHING_SUBSCRIBERS
+
+
 def client_ids(config: Config) -> tuple[str, str]:
     """Stable client ids (edge, cloud): persistent sessions need the same id after a restart."""
     base = f"facehub-forwarder-{config.device_id}"
@@ -256,7 +264,7 @@ class Forwarder:
                 entry_id = self._sent.pop(event[1], None)
                 if entry_id is None:
                     continue
-                if event[2].is_failure:
+                if not delivered_to_a_subscriber(event[2]):
                     refused.append(entry_id)
                     reason = event[2]
                 else:
@@ -271,10 +279,13 @@ class Forwarder:
             self._refused(refused, reason)
 
     def _refused(self, entry_ids: list[int], reason) -> None:
-        """The cloud broker said no (not authorized, quota exceeded...): keep them, retry with backoff.
+        """The cloud broker said no (not authorized, quota exceeded, no subscriber...): keep them, retry.
 
         Nothing is dropped here: a broker that keeps refusing is a
         misconfiguration to fix, meanwhile the spool's size and age limits apply.
+        "No matching subscribers" counts as a refusal too: the broker would
+        discard the face, which happens when no saver has ever subscribed yet
+        (a fresh cloud broker, savers still starting).
         """
         self.spool.release(entry_ids)
         self.runtime.count("forward_refused", len(entry_ids))

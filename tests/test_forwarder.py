@@ -408,3 +408,19 @@ def test_refused_publishes_stay_in_the_spool_and_are_retried(tmp_path, broker_fa
         collector.wait_for_ids([f.face_id for f in faces], timeout=30)
         wait_for(lambda: gauge(runtime, "spool_depth") == 0, 10, message="spool drained")
         assert counter(runtime, "forwarded") == 30
+
+
+def test_faces_wait_in_the_spool_until_the_cloud_has_a_subscriber(tmp_path, brokers, collector_factory):
+    """A fresh cloud broker with no saver subscribed yet would discard faces: they stay spooled."""
+    local, cloud = brokers
+    faces = make_faces(20)
+    with running_forwarder(make_config(tmp_path, local, cloud)) as runtime:
+        wait_for(lambda: gauge(runtime, "edge_subscribed") and gauge(runtime, "cloud_connected"), 10,
+                 message="forwarder connected")
+        publish(local, faces)
+        wait_for(lambda: counter(runtime, "forward_refused") >= 20, 20, message="no-subscriber answers")
+        assert counter(runtime, "forwarded") == 0
+        assert runtime.gauges.get("spool_depth") == 20
+        collector = collector_factory(cloud)
+        collector.wait_for_ids([f.face_id for f in faces], timeout=60)
+        wait_for(lambda: counter(runtime, "forwarded") == 20, 10, message="20 forwarded")
