@@ -80,6 +80,7 @@ def test_video_to_s3_every_face_stored_once(broker_factory, s3_server, s3_bucket
         "FACEHUB_SAVER_URL": f"s3://{s3_bucket}/e2e",
         "FACEHUB_SAVER_ENDPOINT_URL": s3_server.endpoint_url,
         "FACEHUB_SAVER_INSTANCES": "2",
+        "FACEHUB_CLOUD_RECONNECT_MAX": "2",  # faces the cloud has no saver for yet are retried this often
     }
     cloud_state, edge_state = tmp_path / "cloud-state", tmp_path / "edge-state"
     procs = [run_role("cloud", {**env, "FACEHUB_SUPERVISOR_STATE_DIR": str(cloud_state)}, tmp_path / "cloud.log"),
