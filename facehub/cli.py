@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="measure detector and pipeline speed")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
 
-    commands.add_parser("demo", help="run the whole pipeline on the built-in sample")
+    demo = commands.add_parser("demo", help="run the whole pipeline on the built-in sample")
+    demo.add_argument("demo_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return bench.main(args.bench_args, config_path=args.config)
     if args.command == "demo":
         from . import demo
-        return demo.main()
+        return demo.main(args.demo_args)
     try:
         config = load(args.config)
     except ConfigError as error:

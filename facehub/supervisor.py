@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -93,8 +94,13 @@ def child_main(spec: ChildSpec, config: Config, stop: Any, heartbeat: Any, log_q
     root = logging.getLogger()
     root.handlers[:] = [logging.handlers.QueueHandler(log_queue)]
     root.setLevel(config.log_level.upper())
+    # The supervisor owns the children's lifecycle: it sets ``stop`` and, if need be, kills.
+    # A SIGTERM sent to the whole process group (systemd, ``kill -TERM -PGID``) must not reach
+    # the child's code: setting a multiprocessing Event from a signal handler while the main
+    # thread waits on it deadlocks on the Event's lock.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    watch_parent(stop)
     runtime = Runtime(spec.name, stop=stop, state_dir=config.supervisor.state_dir, heartbeat=heartbeat)
     try:
         load_target(spec.target)(config, runtime)
@@ -103,6 +109,22 @@ def child_main(spec: ChildSpec, config: Config, stop: Any, heartbeat: Any, log_q
         runtime.flush()
         sys.exit(1)
     runtime.flush()
+
+
+def watch_parent(stop: Any, interval: float = 1.0) -> threading.Thread:
+    """Stop this child when its supervisor is gone (killed with SIGKILL), instead of lingering."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while not stop.wait(interval):
+            if os.getppid() != parent:
+                logging.getLogger(__name__).warning("supervisor (pid %d) is gone; stopping", parent)
+                stop.set()
+                return
+
+    thread = threading.Thread(target=watch, name="parent-watch", daemon=True)
+    thread.start()
+    return thread
 
 
 @dataclass

@@ -40,7 +40,7 @@ class SupervisorProcess:
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, str(TESTS / "supervised.py"), str(state_dir), *children, *(extra_args or [])],
-            stdout=self.log, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT)
+            stdout=self.log, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT, start_new_session=True)
 
     def status(self) -> dict:
         try:
@@ -208,3 +208,21 @@ def test_daemon_starts_despite_stale_pidfile(start, tmp_path):
         os.kill(daemon_pid, signal.SIGTERM)
     wait_for(lambda: not Path(f"/proc/{daemon_pid}").exists(), 20, message="daemon exited")
     assert not pidfile.exists()
+
+
+def test_sigterm_to_the_whole_process_group_stops_cleanly(start):
+    """systemd and ``kill -TERM -PGID`` signal every process of the group, children included."""
+    sup = start("a=components:steady", "b=components:steady")
+    pids = [wait_for(lambda n=n: running(sup, n), 20, message=f"{n} running") for n in ("a", "b")]
+    os.killpg(sup.proc.pid, signal.SIGTERM)  # the supervisor leads its own session and group
+    assert sup.proc.wait(20) == 0
+    for pid in pids:
+        wait_for(lambda pid=pid: not Path(f"/proc/{pid}").exists(), 10, message=f"child {pid} gone")
+
+
+def test_children_stop_when_the_supervisor_is_killed(start):
+    sup = start("a=components:steady")
+    pid = wait_for(lambda: running(sup, "a"), 20, message="a running")
+    sup.proc.kill()
+    sup.proc.wait()
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), 15, message="orphaned child stopped itself")
