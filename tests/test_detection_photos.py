@@ -1,39 +1,20 @@
 """Real detection on the labelled photos in ../shared/faces (dlib's XML format, IoU >= 0.4 is a match)."""
 
-import xml.etree.ElementTree as ET
-
 import cv2
 import pytest
 from conftest import YUNET_MODEL
 
 from facehub.config import DetectorConfig
 from facehub.detection import make_backend
+from facehub.bench import quality
+from facehub.bench.quality import labelled_photos
 from facehub.detection.crop import iou
 
 
-def labelled_photos(folder):
-    """{file name: [(x, y, w, h), ...]} from training.xml (``<box top left width height>``)."""
-    root = ET.parse(folder / "training.xml").getroot()
-    return {image.get("file"): [(int(b.get("left")), int(b.get("top")), int(b.get("width")), int(b.get("height")))
-                                for b in image.iter("box")]
-            for image in root.iter("image")}
-
-
 def score(backend, folder):
-    """(true positives, false positives, labelled faces): greedy one-to-one matching at IoU >= 0.4."""
-    hits = false = total = 0
-    for name, labels in labelled_photos(folder).items():
-        found = backend.detect(cv2.imread(str(folder / name)))
-        total += len(labels)
-        unmatched = list(labels)
-        for box in found:
-            match = next((label for label in unmatched if iou(box, label) >= 0.4), None)
-            if match is None:
-                false += 1
-            else:
-                unmatched.remove(match)
-                hits += 1
-    return hits, false, total
+    """(true positives, false positives, labelled faces), scored as ``facehub bench quality`` does."""
+    result = quality.score(backend.detect, folder)
+    return result.hits, result.false, result.labelled
 
 
 def test_labels_are_read(shared_faces):
