@@ -8,8 +8,8 @@ UV_VERSION := 0.13.9
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := mosquitto mosquitto-clients python3-venv iproute2
 
-.PHONY: demo test test-fast test-containers bench lint deploy deploy-edge deploy-cloud \
-        system-deps venv lock clean
+.PHONY: demo test test-fast test-containers bench lint deploy deploy-edge deploy-cloud deploy-deps \
+        system-deps venv lock clean sample-clip
 
 demo: system-deps venv            ## run detector -> brokers -> saver on the built-in clip
 	$(PY) -m facehub.cli demo
@@ -35,6 +35,31 @@ $(VENV)/.installed: setup.cfg pyproject.toml requirements/constraints.txt requir
 	$(VENV)/bin/pip install -q "uv==$(UV_VERSION)"
 	$(VENV)/bin/uv pip install --python $(PY) -q -c requirements/constraints.txt -e . -r requirements/test.txt
 	touch $@
+
+LINT_VENV ?= /tmp/lintvenv
+ANSIBLE_ARGS ?= --ask-vault-pass
+
+deploy-deps:                      ## Ansible and lint tools (pinned venv), podman, debootstrap
+	FACEHUB_LINT_VENV=$(LINT_VENV) bash containers/ci/install-deps.sh
+
+lint: deploy-deps                 ## playbooks, ansible-lint, yamllint, manifests, Dockerfiles
+	FACEHUB_LINT_VENV=$(LINT_VENV) bash containers/ci/lint.sh
+
+test-containers: deploy-deps      ## build and run the real containers with podman
+	FACEHUB_LINT_VENV=$(LINT_VENV) bash containers/ci/test-containers.sh
+
+deploy-edge: deploy-deps          ## K3s + FaceHub on the edge group
+	$(LINT_VENV)/bin/ansible-playbook ansible/edge.yml $(ANSIBLE_ARGS)
+
+deploy-cloud: deploy-deps         ## Docker, s3fs, broker and savers on the cloud group
+	$(LINT_VENV)/bin/ansible-playbook ansible/cloud.yml $(ANSIBLE_ARGS)
+
+deploy: deploy-deps               ## both, cloud first
+	$(LINT_VENV)/bin/ansible-playbook ansible/site.yml $(ANSIBLE_ARGS)
+
+sample-clip: venv                 ## regenerate facehub/samples/astronaut.mp4 (needs scikit-image)
+	$(VENV)/bin/uv pip install --python $(PY) -q -c requirements/constraints.txt scikit-image
+	$(PY) tools/make_sample_clip.py
 
 lock:                             ## re-pin every dependency (needs the registry)
 	$(VENV)/bin/uv pip compile -q -o requirements/constraints.txt setup.cfg requirements/test.txt
