@@ -14,7 +14,7 @@ APT_PACKAGES := mosquitto mosquitto-clients python3-venv iproute2
 demo: system-deps venv            ## run detector -> brokers -> saver on the built-in clip
 	$(PY) -m facehub.cli demo
 
-test: system-deps venv            ## the whole test suite (real brokers, S3, OpenCV, chaos)
+test: system-deps venv deploy-deps   ## the whole suite (real brokers, S3, OpenCV, chaos, deployment checks)
 	$(PY) -m pytest -q
 
 test-fast: venv                   ## everything but the slow chaos scenario
