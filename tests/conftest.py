@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,21 @@ def s3_server(tmp_path, monkeypatch):
     server = MotoS3(tmp_path / "s3").start(timeout=30)
     yield server
     server.kill()
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory):
+    """One moto S3 server for the tests that do not stop it (each test gets its own bucket)."""
+    server = MotoS3(tmp_path_factory.mktemp("moto")).start(timeout=30)
+    yield server
+    server.kill()
+
+
+@pytest.fixture
+def bucket(moto):
+    name = f"faces-{uuid.uuid4().hex[:12]}"
+    make_bucket(moto.endpoint_url, name)
+    return name
 
 
 @pytest.fixture

@@ -24,6 +24,8 @@ import subprocess
 import time
 from dataclasses import dataclass
 
+from facehub.daemonize import pid_alive
+
 PREFIX = "fh-"
 _NAME = re.compile(rf"^{PREFIX}(edge|cloud|probe)-(\d+)-(\d+)$")
 _counter = itertools.count(1)
@@ -92,22 +94,12 @@ def remove(ns: str) -> None:
     ip("netns", "delete", ns, check=False)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_leftovers() -> list[str]:
     """Delete namespaces of earlier runs whose test process is gone; their names."""
     removed = []
     for ns in namespaces():
         match = _NAME.match(ns)
-        if match and int(match.group(2)) != os.getpid() and not _alive(int(match.group(2))):
+        if match and int(match.group(2)) != os.getpid() and not pid_alive(int(match.group(2))):
             remove(ns)
             removed.append(ns)
     return removed

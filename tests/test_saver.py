@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import threading
-import time
 import types
 import uuid
 
@@ -24,7 +23,7 @@ from facehub.config import BrokerConfig, Config, SaverConfig
 from facehub.messages import Face
 from facehub.runtime import Runtime
 from facehub.storage import FolderStore, face_key
-from servers import MotoS3, list_objects, make_bucket, wait_for
+from servers import list_objects, make_bucket, wait_for
 
 PREFIX = "run"
 
@@ -149,21 +148,6 @@ def s3(endpoint_url: str):
 def face_objects(endpoint_url: str, bucket: str) -> set[str]:
     return {key for key in list_objects(endpoint_url, bucket, PREFIX + "/")
             if not key.startswith(f"{PREFIX}/quarantine/")}
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory):
-    """One moto S3 server for the tests that do not stop it (each test gets its own bucket)."""
-    server = MotoS3(tmp_path_factory.mktemp("moto")).start(timeout=30)
-    yield server
-    server.kill()
-
-
-@pytest.fixture
-def bucket(moto):
-    name = f"faces-{uuid.uuid4().hex[:12]}"
-    make_bucket(moto.endpoint_url, name)
-    return name
 
 
 @pytest.fixture

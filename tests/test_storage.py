@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
-from pathlib import Path
 
 import boto3
 import cv2
@@ -16,7 +14,7 @@ from facehub.config import SaverConfig
 from facehub.messages import Face
 from facehub.storage import (FolderStore, S3Store, face_key, open_store, properties_record,
                              write_durably)
-from servers import MotoS3, list_objects, make_bucket
+from servers import list_objects
 
 CAPTURED_MS = 1_709_600_523_004  # 2024-03-05T01:02:03.004Z
 
@@ -28,21 +26,6 @@ def jpeg(shared_faces) -> bytes:
     ok, encoded = cv2.imencode(".jpg", image[40:200, 60:220], [cv2.IMWRITE_JPEG_QUALITY, 90])
     assert ok
     return encoded.tobytes()
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory):
-    """One moto S3 server for the tests that do not stop it (each test gets its own bucket)."""
-    server = MotoS3(tmp_path_factory.mktemp("moto")).start(timeout=30)
-    yield server
-    server.kill()
-
-
-@pytest.fixture
-def bucket(moto):
-    name = f"faces-{uuid.uuid4().hex[:12]}"
-    make_bucket(moto.endpoint_url, name)
-    return name
 
 
 def s3_config(moto, url: str, **kwargs) -> SaverConfig:
