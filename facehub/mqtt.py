@@ -12,6 +12,7 @@ restarts are queued by the broker and delivered when it comes back.
 from __future__ import annotations
 
 import logging
+import random
 import ssl
 import threading
 
@@ -48,11 +49,21 @@ def make_client(broker: BrokerConfig, client_id: str, manual_ack: bool = False) 
             cert_reqs=ssl.CERT_REQUIRED,
         )
         client.tls_insecure_set(broker.tls_insecure)
-    client.reconnect_delay_set(min_delay=max(1, int(broker.reconnect_min)),
-                               max_delay=max(1, int(broker.reconnect_max)))
+    client.reconnect_delay_set(*jittered_backoff(broker.reconnect_min, broker.reconnect_max))
     client.max_inflight_messages_set(100)
     client.max_queued_messages_set(0)
     return client
+
+
+def jittered_backoff(minimum: float, maximum: float) -> tuple[float, float]:
+    """Reconnect delays with a random start, so a fleet that lost its broker does not return in lockstep.
+
+    paho doubles the delay from ``min`` up to ``max`` on each failed attempt; each
+    client draws its own ``min`` in [minimum, 1.5 * minimum), which spreads the
+    whole schedule of retries across clients.
+    """
+    start = minimum * random.uniform(1.0, 1.5)
+    return start, max(start, maximum)
 
 
 def connect_properties(broker: BrokerConfig, persistent: bool = True,
