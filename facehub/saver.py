@@ -31,7 +31,7 @@ Flow of one message::
   than ``max_bytes`` are counted ``rejected`` and ``oversize`` and dropped.
 
 Counters: ``stored``, ``duplicates``, ``rejected``, ``quarantined``,
-``oversize``, ``store_errors``; gauges ``queue_depth`` and ``unacked``;
+``oversize``, ``store_errors``; gauges ``queue_depth``, ``unacked`` and ``subscribed``;
 ``latency_ms`` (capture to stored) percentiles.
 """
 
@@ -286,7 +286,15 @@ def run(config: Config, runtime: Runtime) -> None:
         if reason_code.is_failure:
             return
         acks.new_connection()
+        runtime.gauge("subscribed", False)
         client.subscribe(topic, qos=broker.qos)
+
+    def on_subscribe(client, userdata, mid, reason_codes, properties):
+        ok = all(not code.is_failure for code in reason_codes)
+        runtime.gauge("subscribed", ok)
+        if not ok:
+            log.error("cloud broker refused the subscription %s: %s", topic,
+                      ", ".join(str(code) for code in reason_codes))
 
     def on_message(client, userdata, msg):
         try:
@@ -299,6 +307,7 @@ def run(config: Config, runtime: Runtime) -> None:
             log.exception("cannot queue a message on %r", getattr(msg, "topic", "?"))
 
     client.on_connect = on_connect
+    client.on_subscribe = on_subscribe
     client.on_message = on_message
     mqtt.ConnectionState(f"{runtime.name} cloud broker {broker.host}:{broker.port}").attach(client)
     log.info("saving %s into %s as %s (workers=%d, inflight=%d)", topic, store.describe(), broker.client_id,

@@ -178,10 +178,7 @@ def saver_throughput(workdir: Path, count: int = 1000, size: int = 10_000) -> di
         env = {**S3_ENV, "FACEHUB_CLOUD_PORT": str(cloud.port), "FACEHUB_SUPERVISOR_STATE_DIR": str(workdir),
                "FACEHUB_SAVER_URL": "s3://faces/bench", "FACEHUB_SAVER_ENDPOINT_URL": endpoint}
         with component("saver", env, workdir):
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and "saver" not in read_stats(workdir):
-                time.sleep(0.1)
-            time.sleep(0.5)  # the stats file appears before the shared subscription is confirmed
+            _wait_gauge(workdir, "saver", "subscribed", 60)
             started = time.perf_counter()
             publish_faces(cloud.port, count, payload)
             stored = _wait_counter(workdir, "saver", "stored", count, 300)
@@ -233,10 +230,13 @@ def end_to_end(source: str, workdir: Path, timeout: float = 300) -> dict:
                "FACEHUB_CLOUD_PORT": str(cloud.port), "FACEHUB_DETECTOR_SOURCE": source,
                "FACEHUB_DETECTOR_LOOP": "false", "FACEHUB_FORWARDER_SPOOL_PATH": str(workdir / "spool.db"),
                "FACEHUB_SAVER_URL": "s3://faces/e2e", "FACEHUB_SAVER_ENDPOINT_URL": endpoint}
-        roles = {role: subprocess.Popen([sys.executable, "-m", "facehub.cli", "run", role],
-                                        env={**env, "FACEHUB_SUPERVISOR_STATE_DIR": str(workdir / role)},
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                 for role in ("cloud", "edge")}
+        roles = {}
+        for role in ("cloud", "edge"):  # the cloud first: its saver must be subscribed before faces come
+            roles[role] = subprocess.Popen([sys.executable, "-m", "facehub.cli", "run", role],
+                                           env={**env, "FACEHUB_SUPERVISOR_STATE_DIR": str(workdir / role)},
+                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            if role == "cloud":
+                _wait_gauge(workdir / "cloud", "saver-1", "subscribed", 60)
         peak = {"edge": 0, "cloud": 0}
         started = time.perf_counter()
         try:
@@ -264,6 +264,14 @@ def end_to_end(source: str, workdir: Path, timeout: float = 300) -> dict:
             "latency_ms": latency,
             "publish_latency_ms": detector.get("percentiles", {}).get("publish_latency_ms", {}),
             "peak_rss_edge": peak["edge"], "peak_rss_cloud": peak["cloud"]}
+
+
+def _wait_gauge(state_dir: Path, name: str, key: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if read_stats(state_dir).get(name, {}).get("gauges", {}).get(key):
+            return
+        time.sleep(0.1)
 
 
 def _pipeline_done(workdir: Path) -> bool:
