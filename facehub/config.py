@@ -136,7 +136,7 @@ class DetectorConfig:
 class ForwarderConfig:
     """The durable spool between the edge broker and the cloud broker."""
 
-    spool_path: str = "/var/lib/facehub/spool.db"
+    spool_path: str = field(default_factory=lambda: default_spool_path())
     spool_max_messages: int = 100_000
     spool_max_bytes: int = 1_000_000_000
     spool_max_age: float = 7 * 86400.0
@@ -354,6 +354,14 @@ def _mask(data: dict[str, Any]) -> None:
             _mask(value)
         elif key in SECRET_KEYS and value:
             data[key] = MASK
+
+
+def default_spool_path() -> str:
+    """``/var/lib/facehub`` for root (services, containers), the user's state folder otherwise."""
+    if os.geteuid() == 0:
+        return "/var/lib/facehub/spool.db"
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return os.path.join(state, "facehub", "spool.db")
 
 
 def _safe_name(name: str) -> str:
