@@ -100,7 +100,7 @@ class DetectorConfig:
     track_iou: float = 0.3
     track_timeout: float = 1.0
     queue_size: int = 1000
-    threads: int = 1
+    threads: int = 0
     reopen_min: float = 0.5
     reopen_max: float = 30.0
 
@@ -125,11 +125,19 @@ class DetectorConfig:
         _check(0 < self.track_iou <= 1, f"{section}.track_iou", "must be > 0 and <= 1")
         _check(self.track_timeout > 0, f"{section}.track_timeout", "must be > 0")
         _check(self.queue_size >= 1, f"{section}.queue_size", "must be >= 1")
-        _check(self.threads >= 1, f"{section}.threads", "must be >= 1")
+        _check(self.threads >= 0, f"{section}.threads", "must be >= 0 (0 = one per CPU core, up to 4)")
         _check(0 < self.reopen_min <= self.reopen_max, f"{section}.reopen_min",
                "must be > 0 and <= reopen_max")
         _check(self.width >= 0 and self.height >= 0 and self.fps >= 0, f"{section}.width",
                "width, height and fps must be >= 0 (0 = camera default)")
+
+
+def opencv_threads(threads: int) -> int:
+    """OpenCV worker threads for a ``detector.threads`` setting (0 = one per core, at most 4).
+
+    Not passed to OpenCV as 0: ``cv2.setNumThreads(0)`` turns its threading off.
+    """
+    return threads or max(1, min(4, os.cpu_count() or 1))
 
 
 @dataclass

@@ -40,7 +40,7 @@ import numpy as np
 from paho.mqtt.enums import MQTTErrorCode
 
 from . import mqtt
-from .config import Config, DetectorConfig
+from .config import Config, DetectorConfig, opencv_threads
 from .detection import SAMPLE_CLIP, Detection, SourceError, Tracker, make_backend
 from .detection.crop import crop, encode_jpeg
 from .detection.source import Source, describe, open_source
@@ -60,7 +60,7 @@ def run(config: Config, runtime: Runtime) -> None:
     """The detector component: capture, detect, publish until stopped or a non-looped file ends."""
     cfg = config.detector
     quiet_opencv()
-    cv2.setNumThreads(cfg.threads)
+    cv2.setNumThreads(opencv_threads(cfg.threads))
     try:
         finder = FaceFinder(cfg, config.device_id)
     except ValueError as error:
@@ -398,7 +398,7 @@ def detect_command(config: Config, paths: Sequence[str]) -> int:
     gives a line with an ``error`` key and exit code 1; the others are still done.
     """
     quiet_opencv()
-    cv2.setNumThreads(config.detector.threads)
+    cv2.setNumThreads(opencv_threads(config.detector.threads))
     try:
         backend = make_backend(config.detector)
     except ValueError as error:

@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 
 from .. import mqtt
-from ..config import BrokerConfig, DetectorConfig
+from ..config import BrokerConfig, DetectorConfig, opencv_threads
 from ..detector import FaceFinder
 from . import baseline
 
@@ -101,9 +101,9 @@ def run_facehub(frames: list[np.ndarray], cfg: DetectorConfig, publisher: Publis
                 capture_s: float) -> Run:
     """FaceHub's detector: downscaled detection, tracking, duplicate suppression, JPEG at QoS 1."""
     height, width = frames[0].shape[:2]
-    cv2.setNumThreads(cfg.threads)
+    cv2.setNumThreads(opencv_threads(cfg.threads))
     finder = FaceFinder(cfg, "bench")
-    run = Run("facehub", width, height, cfg.threads)
+    run = Run("facehub", width, height, opencv_threads(cfg.threads))
     run.seconds["capture"] = capture_s * len(frames)
     for number, frame in enumerate(frames):
         t0 = time.perf_counter()
