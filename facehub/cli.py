@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("role", choices=("edge", "cloud"))
     run.add_argument("--daemon", action="store_true", help="detach into the background")
     run.add_argument("--pidfile", help="pid file (with --daemon)")
-    run.add_argument("--logfile", help="log file (with --daemon; default: syslog-less stderr drop)")
+    run.add_argument("--logfile", help="log file (with --daemon; without it a detached daemon's logs are discarded)")
 
     health = commands.add_parser("health", help="exit 0 when the supervised role is healthy, 1 when not")
     health.add_argument("--json", action="store_true", help="print the whole status as JSON")
