@@ -48,10 +48,12 @@ COMPONENTS = {
     "saver": "facehub.saver:run",
 }
 EXIT_FATAL = 3
+STARTUP_WAIT = 30.0
 _mp = multiprocessing.get_context("spawn")
 
 
 class State(str, enum.Enum):
+    WAITING = "WAITING"
     STARTING = "STARTING"
     RUNNING = "RUNNING"
     BACKOFF = "BACKOFF"
@@ -62,10 +64,17 @@ class State(str, enum.Enum):
 
 @dataclass
 class ChildSpec:
-    """What to run: a name (shown in logs and status) and a ``module:function`` target."""
+    """What to run: a name (shown in logs and status) and a ``module:function`` target.
+
+    ``after`` = (other child, gauge): start only once that child reports the gauge
+    as true (or after ``STARTUP_WAIT`` seconds), e.g. the detector waits until the
+    forwarder's persistent session is subscribed on the edge broker, so the very
+    first faces of a new device are not published before anyone will keep them.
+    """
 
     name: str
     target: str
+    after: tuple[str, str] | None = None
 
 
 def component_target(name: str) -> Callable[[Config, Runtime], None]:
@@ -82,7 +91,9 @@ def load_target(spec: str) -> Callable[[Config, Runtime], None]:
 def role_specs(config: Config, role: str) -> list[ChildSpec]:
     """The children a role runs."""
     if role == "edge":
-        return [ChildSpec(name, COMPONENTS[name]) for name in ("detector", "forwarder", "logger")]
+        return [ChildSpec("forwarder", COMPONENTS["forwarder"]),
+                ChildSpec("logger", COMPONENTS["logger"]),
+                ChildSpec("detector", COMPONENTS["detector"], after=("forwarder", "edge_subscribed"))]
     if role == "cloud":
         count = config.saver.instances
         return [ChildSpec(f"saver-{i}", COMPONENTS["saver"]) for i in range(1, count + 1)]
@@ -168,14 +179,20 @@ class Supervisor:
         self.stopping = False
         self.fatal: str = ""
         self.ready_sent = False
+        self.started_at = time.time()
         self.notifier = sdnotify.Notifier()
 
     # -- lifecycle -------------------------------------------------------------------------
     def run(self) -> int:
         """Supervise until asked to stop, or until a child turns FATAL. Returns the exit code."""
         Path(self.policy.state_dir).mkdir(parents=True, exist_ok=True)
+        self.started_at = time.time()
         for child in self.children:
-            self.start_child(child)
+            if child.spec.after:
+                child.state = State.WAITING
+                child.reason = "waiting for {} to report {}".format(*child.spec.after)
+            else:
+                self.start_child(child)
         next_status = 0.0
         try:
             while not self.stopping and not self.fatal:
@@ -220,6 +237,13 @@ class Supervisor:
     def check_child(self, child: Child, now: float) -> None:
         if child.state in (State.EXITED, State.FATAL, State.STOPPED):
             return
+        if child.state == State.WAITING:
+            if self.dependency_ready(child.spec.after) or now - self.started_at > STARTUP_WAIT:
+                if not self.dependency_ready(child.spec.after):
+                    log.warning("%s: %s not ready after %.0fs; starting anyway", child.spec.name,
+                                child.spec.after[0], STARTUP_WAIT)
+                self.start_child(child)
+            return
         if child.state == State.BACKOFF:
             if now >= child.retry_at:
                 child.restarts += 1
@@ -236,6 +260,15 @@ class Supervisor:
             log.error("%s is stuck (%s); killing it", child.spec.name, child.reason)
             self.terminate(child, timeout=min(2.0, self.policy.stop_timeout))
             self.on_crash(child, now, child.reason)
+
+    def dependency_ready(self, after: tuple[str, str]) -> bool:
+        """True once the named child, as it runs now (same pid), reports the gauge as true."""
+        name, gauge = after
+        child = next((c for c in self.children if c.spec.name == name), None)
+        if child is None or child.process is None:
+            return child is None
+        data = read_stats(self.policy.state_dir).get(name, {})
+        return data.get("pid") == child.process.pid and bool(data.get("gauges", {}).get(gauge))
 
     def on_exit(self, child: Child, now: float) -> None:
         child.process.join(0)
@@ -278,6 +311,7 @@ class Supervisor:
                 child.process.kill()
                 child.process.join(5)
             child.exitcode = child.process.exitcode
+        for child in self.children:
             if child.state not in (State.FATAL, State.EXITED):
                 child.state = State.STOPPED
 

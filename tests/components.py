@@ -45,3 +45,20 @@ def ignores_stop(config, runtime):
     while True:
         runtime.beat()
         time.sleep(0.1)
+
+
+def ready_later(config, runtime):
+    """Reports the gauge ``up`` after a moment, noting when, then works until stopped."""
+    time.sleep(1.0)
+    with open(os.path.join(config.supervisor.state_dir, "ready-at"), "w") as handle:
+        handle.write(f"{time.time()}\n")
+    runtime.gauge("up", True)
+    runtime.flush()
+    runtime.run_until_stopped(interval=0.1)
+
+
+def notes_start(config, runtime):
+    """Notes when it started, then works until stopped."""
+    with open(os.path.join(config.supervisor.state_dir, "started-at"), "w") as handle:
+        handle.write(f"{time.time()}\n")
+    runtime.run_until_stopped(interval=0.1)

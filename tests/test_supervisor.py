@@ -226,3 +226,15 @@ def test_children_stop_when_the_supervisor_is_killed(start):
     sup.proc.kill()
     sup.proc.wait()
     wait_for(lambda: not Path(f"/proc/{pid}").exists(), 15, message="orphaned child stopped itself")
+
+
+def test_child_waits_for_its_dependency_to_be_ready(start):
+    """The detector's case: start only once the forwarder's session is subscribed."""
+    sup = start("later=components:notes_start@first:up", "first=components:ready_later")
+    wait_for(lambda: sup.child("later").get("state") == "WAITING", 20, message="later WAITING")
+    started = sup.state_dir / "started-at"
+    wait_for(started.exists, 30, message="later started")
+    ready_at = float((sup.state_dir / "ready-at").read_text())
+    assert float(started.read_text()) >= ready_at
+    wait_for(lambda: running(sup, "later"), 20, message="later running")
+    assert sup.stop() == 0
