@@ -57,24 +57,20 @@ def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
     return encoded.tobytes()
 
 
+def intersection(a: Sequence[float], b: Sequence[float]) -> float:
+    """Area shared by two ``(x, y, w, h)`` boxes (0 when they do not touch)."""
+    ix = min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0])
+    iy = min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1])
+    return ix * iy if ix > 0 and iy > 0 else 0.0
+
+
 def iou(a: Sequence[float], b: Sequence[float]) -> float:
     """Intersection over union of two ``(x, y, w, h)`` boxes (0 when they do not touch)."""
-    ax, ay, aw, ah = a[:4]
-    bx, by, bw, bh = b[:4]
-    ix = min(ax + aw, bx + bw) - max(ax, bx)
-    iy = min(ay + ah, by + bh) - max(ay, by)
-    if ix <= 0 or iy <= 0:
-        return 0.0
-    inter = ix * iy
-    return inter / (aw * ah + bw * bh - inter)
+    inter = intersection(a, b)
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter) if inter else 0.0
 
 
 def overlap_of_smaller(a: Sequence[float], b: Sequence[float]) -> float:
     """The share of the smaller box covered by the other (1 when one box holds the other)."""
-    ax, ay, aw, ah = a[:4]
-    bx, by, bw, bh = b[:4]
-    ix = min(ax + aw, bx + bw) - max(ax, bx)
-    iy = min(ay + ah, by + bh) - max(ay, by)
-    if ix <= 0 or iy <= 0:
-        return 0.0
-    return ix * iy / min(aw * ah, bw * bh)
+    inter = intersection(a, b)
+    return inter / min(a[2] * a[3], b[2] * b[3]) if inter else 0.0
