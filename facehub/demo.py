@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                                  env={**env, "FACEHUB_SUPERVISOR_STATE_DIR": str(work / "edge")}),
     }
     try:
-        stats = wait_until_stored(work, roles)
+        wait_until_stored(work, roles)
     finally:
         for proc in roles.values():
             proc.send_signal(signal.SIGTERM)
@@ -78,30 +78,32 @@ def main(argv: list[str] | None = None) -> int:
     return summarise(stats, out)
 
 
-def wait_until_stored(work: Path, roles: dict[str, subprocess.Popen]) -> dict:
+def wait_until_stored(work: Path, roles: dict[str, subprocess.Popen]) -> bool:
     """Poll the components' counters until the clip is done and every published face is stored."""
     deadline = time.monotonic() + DEADLINE_SECONDS
     while time.monotonic() < deadline:
         for name, proc in roles.items():
             if proc.poll() is not None:
                 print(f"demo: the {name} supervisor exited early with code {proc.returncode}")
-                return {}
-        stats = {**read_stats(work / "edge"), **read_stats(work / "cloud")}
-        published = counter(stats, "detector", "faces_published")
-        detector_done = child_state(work / "edge" / "supervisor-edge.json", "detector") == "EXITED"
-        if detector_done and published and counter(stats, "saver", "stored") + \
-                counter(stats, "saver", "duplicates") >= published:
-            return stats
+                return False
+        if pipeline_done(work / "edge", work / "cloud"):
+            return True
         time.sleep(0.5)
     print(f"demo: gave up waiting after {DEADLINE_SECONDS}s")
-    return {}
+    return False
 
 
-def child_state(status_path: Path, name: str) -> str:
+def pipeline_done(edge_dir: Path, cloud_dir: Path) -> bool:
+    """The detector has finished its (non-looped) source and every face it published is stored."""
     try:
-        return json.loads(status_path.read_text())["children"][name]["state"]
-    except (OSError, ValueError, KeyError):
-        return ""
+        status = json.loads((edge_dir / "supervisor-edge.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if status["children"].get("detector", {}).get("state") != "EXITED":
+        return False
+    published = counter(read_stats(edge_dir), "detector", "faces_published")
+    cloud = read_stats(cloud_dir)
+    return counter(cloud, "saver", "stored") + counter(cloud, "saver", "duplicates") >= published
 
 
 def summarise(stats: dict, out: Path) -> int:

@@ -88,10 +88,6 @@ class Face:
         return props
 
 
-def topic_for(prefix: str, device_id: str) -> str:
-    return f"{prefix}/{device_id}"
-
-
 def parse(topic: str, payload: bytes, properties: Properties | None, max_bytes: int,
           topic_prefix: str = "faces") -> Face:
     """Validate a received message and return the face it carries.

@@ -106,15 +106,13 @@ def stop(client: paho.Client) -> None:
 class ConnectionState:
     """Tracks whether a client is connected, logging each change once.
 
-    Install with ``state.attach(client, name)``; ``connected`` is a
+    Install with ``state.attach(client)``; ``connected`` is a
     :class:`threading.Event` other threads can wait on.
     """
 
     def __init__(self, name: str):
         self.name = name
         self.connected = threading.Event()
-        self.connects = 0
-        self.disconnects = 0
 
     def attach(self, client: paho.Client) -> None:
         previous_connect = client.on_connect
@@ -124,7 +122,6 @@ class ConnectionState:
             if reason_code.is_failure:
                 log.warning("%s: broker refused connection: %s", self.name, reason_code)
             else:
-                self.connects += 1
                 self.connected.set()
                 log.info("%s: connected (session present: %s)", self.name, flags.session_present)
             if previous_connect:
@@ -132,7 +129,6 @@ class ConnectionState:
 
         def on_disconnect(client, userdata, flags, reason_code, properties):
             if self.connected.is_set():
-                self.disconnects += 1
                 if reason_code.is_failure or reason_code.value != 0:
                     log.warning("%s: disconnected: %s; reconnecting with backoff", self.name, reason_code)
                 else:

@@ -186,7 +186,6 @@ class Supervisor:
     def run(self) -> int:
         """Supervise until asked to stop, or until a child turns FATAL. Returns the exit code."""
         Path(self.policy.state_dir).mkdir(parents=True, exist_ok=True)
-        self.started_at = time.time()
         for child in self.children:
             if child.spec.after:
                 child.state = State.WAITING

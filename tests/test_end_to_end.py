@@ -57,9 +57,10 @@ def run_role(role: str, env: dict[str, str], log_path: Path) -> subprocess.Popen
 
 
 def stats_of(state_dir: Path) -> dict:
+    """The edge supervisor's status document (children's states and counters), or {} before it exists."""
     try:
-        return json.loads((state_dir / next(iter(sorted(p.name for p in state_dir.glob("supervisor-*.json"))))).read_text())
-    except (StopIteration, OSError, ValueError):
+        return json.loads((state_dir / "supervisor-edge.json").read_text())
+    except (OSError, ValueError):
         return {}
 
 

@@ -59,7 +59,7 @@ def publish(broker, faces: list[messages.Face], qos: int = 1) -> None:
     mqtt.start(client, broker_config(broker), persistent=False)
     try:
         assert state.connected.wait(10), "publisher could not connect"
-        infos = [client.publish(messages.topic_for("faces", f.device_id), f.image, qos=qos,
+        infos = [client.publish(f"faces/{f.device_id}", f.image, qos=qos,
                                 properties=f.properties()) for f in faces]
         for info in infos:
             info.wait_for_publish(30)

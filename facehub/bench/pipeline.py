@@ -8,7 +8,6 @@ the far broker, objects counted in the store.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -24,6 +23,7 @@ import numpy as np
 
 from .. import messages, mqtt
 from ..config import BrokerConfig
+from ..demo import counter, pipeline_done
 from ..localbroker import LocalBroker, bridge_config, free_port
 from ..runtime import read_stats
 
@@ -244,7 +244,7 @@ def end_to_end(source: str, workdir: Path, timeout: float = 300) -> dict:
             while time.monotonic() < deadline:
                 for role, proc in roles.items():
                     peak[role] = max(peak[role], tree_rss(proc.pid))
-                if _pipeline_done(workdir):
+                if pipeline_done(workdir / "edge", workdir / "cloud"):
                     break
                 time.sleep(0.2)
             elapsed = time.perf_counter() - started
@@ -254,12 +254,11 @@ def end_to_end(source: str, workdir: Path, timeout: float = 300) -> dict:
             for proc in roles.values():
                 proc.wait(30)
     edge_stats, cloud_stats = read_stats(workdir / "edge"), read_stats(workdir / "cloud")
-    saver = [data for name, data in cloud_stats.items() if name.startswith("saver")]
-    stored = sum(data["counters"].get("stored", 0) for data in saver)
-    latency = saver[0].get("percentiles", {}).get("latency_ms", {}) if saver else {}
+    stored = counter(cloud_stats, "saver", "stored")
+    latency = cloud_stats.get("saver-1", {}).get("percentiles", {}).get("latency_ms", {})
     detector = edge_stats.get("detector", {})
-    return {"frames": detector.get("counters", {}).get("frames", 0),
-            "published": detector.get("counters", {}).get("faces_published", 0),
+    return {"frames": counter(edge_stats, "detector", "frames"),
+            "published": counter(edge_stats, "detector", "faces_published"),
             "stored": stored, "seconds": elapsed, "faces_per_s": stored / elapsed if elapsed else 0.0,
             "latency_ms": latency,
             "publish_latency_ms": detector.get("percentiles", {}).get("publish_latency_ms", {}),
@@ -272,16 +271,3 @@ def _wait_gauge(state_dir: Path, name: str, key: str, timeout: float) -> None:
         if read_stats(state_dir).get(name, {}).get("gauges", {}).get(key):
             return
         time.sleep(0.1)
-
-
-def _pipeline_done(workdir: Path) -> bool:
-    try:
-        status = json.loads((workdir / "edge" / "supervisor-edge.json").read_text())
-    except (OSError, ValueError):
-        return False
-    if status["children"].get("detector", {}).get("state") != "EXITED":
-        return False
-    published = status["stats"].get("detector", {}).get("counters", {}).get("faces_published", 0)
-    stored = sum(d["counters"].get("stored", 0) + d["counters"].get("duplicates", 0)
-                 for name, d in read_stats(workdir / "cloud").items() if name.startswith("saver"))
-    return stored >= published
