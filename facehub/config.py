@@ -21,6 +21,8 @@ from typing import Any, Mapping
 ENV_PREFIX = "FACEHUB_"
 SECRET_KEYS = {"password", "secret", "key_secret", "secret_access_key"}
 MASK = "********"
+SEARCH_MODES = ("auto", "background", "inline")
+DEDUP_POLICIES = ("better", "largest", "first")
 
 
 class ConfigError(ValueError):
@@ -68,11 +70,15 @@ class DetectorConfig:
     ``verify_cascade`` firing at least ``verify_hits`` times (0 = off).
     ``min_size`` is in pixels of the detection image (frames are shrunk to
     ``detect_width``, or enlarged by up to ``upscale`` when narrower).
-    ``score_threshold`` and ``nms_threshold`` are YuNet's. Duplicates: one crop
-    per track per ``dedup_interval`` seconds (0 = every detection): the largest
-    of the interval when ``dedup_best`` (sent up to an interval late), else the
-    first once the interval has passed (lowest latency); a track ends when
-    unseen for ``track_timeout`` seconds.
+    ``score_threshold`` and ``nms_threshold`` are YuNet's. Duplicates: at most
+    one crop per track per ``dedup_interval`` seconds (0 = every detection),
+    chosen by ``dedup_policy`` (see facehub/detection/tracker.py: "better" sends
+    a later crop only when it is clearly larger than those sent, "largest"
+    holds the largest of each interval, "first" refreshes once per interval); a
+    track ends when unseen for ``track_timeout`` seconds. ``search``: where the
+    full search runs ("background" on its own thread while every frame follows
+    the tracked faces, "inline" on the frame itself, "auto" = background for
+    live or paced sources, inline for a file read as fast as possible).
     """
 
     source: str = "0"
@@ -95,8 +101,9 @@ class DetectorConfig:
     margin: float = 0.2
     jpeg_quality: int = 90
     detect_every: int = 15
+    search: str = "auto"
     dedup_interval: float = 1.0
-    dedup_best: bool = True
+    dedup_policy: str = "better"
     track_iou: float = 0.3
     track_timeout: float = 1.0
     queue_size: int = 1000
@@ -121,6 +128,9 @@ class DetectorConfig:
         _check(0 <= self.margin <= 1, f"{section}.margin", "must be between 0 and 1")
         _check(1 <= self.jpeg_quality <= 100, f"{section}.jpeg_quality", "must be 1..100")
         _check(self.detect_every >= 1, f"{section}.detect_every", "must be >= 1")
+        _check(self.search in SEARCH_MODES, f"{section}.search", "must be " + " or ".join(map(repr, SEARCH_MODES)))
+        _check(self.dedup_policy in DEDUP_POLICIES, f"{section}.dedup_policy",
+               "must be " + " or ".join(map(repr, DEDUP_POLICIES)))
         _check(self.dedup_interval >= 0, f"{section}.dedup_interval", "must be >= 0 (0 = send all)")
         _check(0 < self.track_iou <= 1, f"{section}.track_iou", "must be > 0 and <= 1")
         _check(self.track_timeout > 0, f"{section}.track_timeout", "must be > 0")

@@ -6,13 +6,14 @@ Four stages, each a small function or method a benchmark can time alone:
    (camera, file, stream, GStreamer pipeline) and reopens it with exponential
    backoff when it cannot be opened or stops delivering; a video file that is
    not looped simply ends the component (exit 0, so it is not restarted).
-2. *detect*: :meth:`FaceFinder.locate` runs the backend on a downscaled grey
-   copy of the frame every ``detect_every`` frames, and in between only
+2. *detect*: :meth:`FaceFinder.locate` runs a full search of a downscaled
+   grey copy every ``detect_every`` frames (on the frame itself, or on a
+   background thread so no frame waits for it), and on every other frame only
    re-finds the faces it is tracking, near their last boxes.
 3. *crop + encode*: :meth:`FaceFinder.select` links detections into tracks,
    applies duplicate suppression (at most one crop per face per
-   ``dedup_interval``, the largest) and JPEG-encodes the crops to send, cut from
-   the full-resolution colour frame with a margin.
+   ``dedup_interval``, chosen by ``dedup_policy``) and JPEG-encodes the crops
+   to send, cut from the full-resolution colour frame with a margin.
 4. *publish*: :class:`FacePublisher` sends each face on ``<prefix>/<device>``
    with its metadata as MQTT v5 properties, from its own thread and a bounded
    queue, so a slow or absent broker never stalls capture: when the queue is
@@ -32,6 +33,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,8 +44,8 @@ from paho.mqtt.enums import MQTTErrorCode
 from . import mqtt
 from .config import Config, DetectorConfig, opencv_threads
 from .detection import SAMPLE_CLIP, Detection, SourceError, Tracker, make_backend
-from .detection.crop import crop, encode_jpeg
-from .detection.source import Source, describe, open_source
+from .detection.crop import crop, encode_jpeg, iou
+from .detection.source import Source, describe, open_source, parse_source
 from .messages import Face
 from .runtime import Runtime
 
@@ -62,15 +64,15 @@ def run(config: Config, runtime: Runtime) -> None:
     quiet_opencv()
     cv2.setNumThreads(opencv_threads(cfg.threads))
     try:
-        finder = FaceFinder(cfg, config.device_id)
+        finder = FaceFinder(cfg, config.device_id, background=search_in_background(cfg))
     except ValueError as error:
         log.error("detector cannot start: %s", error)
         raise SystemExit(1) from None
     publisher = FacePublisher(config, runtime)
     publisher.start()
     reader = FrameReader(cfg, runtime)
-    log.info("detector: %s backend, publishing on %s at QoS %d", finder.backend.name, config.topic,
-             config.local.qos)
+    log.info("detector: %s backend, full search %s, publishing on %s at QoS %d", finder.backend.name,
+             "in the background" if finder.background else "inline", config.topic, config.local.qos)
     try:
         for frame, number, captured_ms, clock in reader.frames():
             runtime.count("frames")
@@ -207,23 +209,57 @@ class Sighting:
 
 
 class FaceFinder:
-    """Frames in, faces worth sending out: detection, tracking, duplicate suppression, crops."""
+    """Frames in, faces worth sending out: detection, tracking, duplicate suppression, crops.
 
-    def __init__(self, cfg: DetectorConfig, device_id: str, backend=None):
+    The full search is the expensive part (tens of milliseconds a frame), and
+    it can run in two places:
+
+    * *inline*: on every ``detect_every``-th frame itself, which then waits for
+      it: the same faces however fast frames come, the right thing for a file
+      read as fast as possible;
+    * *background*: on a thread of its own (OpenCV releases the GIL, so it runs
+      on another core when there is one) while every frame only follows the
+      tracked faces. When a search ends, the faces it found that are not
+      tracked yet are looked for again, near where they were, in the frame at
+      hand: their first crop comes from the newest frame, not from one a search
+      old, and no frame waits for a search. A face the quick re-find misses is
+      used at the position the search found.
+    """
+
+    def __init__(self, cfg: DetectorConfig, device_id: str, background: bool = False):
         self.cfg = cfg
         self.device_id = device_id
-        self.backend = backend or make_backend(cfg)
-        self.tracker = Tracker(cfg.track_iou, cfg.dedup_interval, cfg.track_timeout, cfg.dedup_best)
+        self.backend = make_backend(cfg)
+        self.tracker = Tracker(cfg.track_iou, cfg.dedup_interval, cfg.track_timeout, cfg.dedup_policy)
         self._until_detect = 0
+        # OpenCV's detectors keep per-image state: the search thread gets a backend of its own
+        self.searcher = BackgroundSearch(make_backend(cfg)) if background else None
+
+    @property
+    def background(self) -> bool:
+        return self.searcher is not None
 
     def locate(self, frame: np.ndarray) -> list[Detection]:
-        """The detect stage: a full search every ``detect_every`` frames, else follow the tracks."""
+        """The detect stage: the faces in ``frame``, from a full search or by following the tracks."""
+        if self.searcher is not None:
+            return self._locate_with_background_search(frame)
         if self._until_detect <= 0:
             self._until_detect = self.cfg.detect_every - 1
             return self.backend.detect(frame)
         self._until_detect -= 1
         boxes = self.tracker.boxes()
         return self.backend.follow(frame, boxes) if boxes else []
+
+    def _locate_with_background_search(self, frame: np.ndarray) -> list[Detection]:
+        tracked = self.tracker.boxes()
+        found = [d for d in self.searcher.take() if all(iou(d, box) < self.cfg.track_iou for box in tracked)]
+        self._until_detect -= 1
+        if self._until_detect <= 0 and self.searcher.submit(frame):
+            self._until_detect = self.cfg.detect_every
+        boxes = tracked + [d.box for d in found]
+        located = self.backend.follow(frame, boxes) if boxes else []
+        missed = [d for d in found if all(iou(d, hit) < self.cfg.track_iou for hit in located)]
+        return located + missed
 
     def select(self, detections: Sequence[Detection], frame: np.ndarray, number: int, captured_ms: int,
                clock: float) -> tuple[list[Face], int]:
@@ -245,8 +281,49 @@ class FaceFinder:
                     score=sighting.score, track=track)
 
     def close(self) -> int:
-        """End all tracks; returns the held sightings never sent (to count as suppressed)."""
+        """End all tracks and the search thread; returns the held sightings never sent (count them suppressed)."""
+        if self.searcher is not None:
+            self.searcher.close()
         return self.tracker.close()
+
+
+class BackgroundSearch:
+    """One full search at a time on a worker thread: submit a frame, take the faces when it is done."""
+
+    def __init__(self, backend):
+        self.backend = backend
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="facehub-search")
+        self._running: Future | None = None
+
+    def submit(self, frame: np.ndarray) -> bool:
+        """Start searching ``frame`` unless a search is still running; True when started."""
+        if self._running is not None:
+            return False
+        self._running = self._pool.submit(self.backend.detect, frame)
+        return True
+
+    def take(self) -> list[Detection]:
+        """The faces of the last search if it has ended (once), else nothing; re-raises its error."""
+        if self._running is None or not self._running.done():
+            return []
+        found, self._running = self._running.result(), None
+        return found
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the running search (if any) has ended: lets a test step frames deterministically."""
+        if self._running is not None:
+            self._running.exception(timeout)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._running = None
+
+
+def search_in_background(cfg: DetectorConfig) -> bool:
+    """``detector.search``: "auto" searches in the background unless frames come from a file read flat out."""
+    if cfg.search != "auto":
+        return cfg.search == "background"
+    return not (parse_source(cfg.source).ends and cfg.fps <= 0)
 
 
 # -- publish -----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import threading
 
 import cv2
 import numpy as np
+import pytest
 from servers import Mosquitto, free_port, wait_for
 
 from facehub import detector, messages, mqtt
@@ -54,11 +55,14 @@ def start_detector(config: Config, runtime: Runtime) -> threading.Thread:
     return thread
 
 
-def test_sample_clip_faces_reach_a_subscriber(broker, tmp_path):
+@pytest.mark.parametrize(("fps", "background"), [(0.0, False), (30.0, True)], ids=["flat-out", "paced"])
+def test_sample_clip_faces_reach_a_subscriber(broker, tmp_path, fps, background):
+    """Read flat out the full search runs inline; paced like a camera it runs in the background."""
     subscriber = Subscriber(broker.port)
     try:
         assert subscriber.subscribed.wait(10)
-        config = detector_config(broker.port)
+        config = detector_config(broker.port, fps=fps)
+        assert detector.search_in_background(config.detector) is background
         runtime = Runtime("detector", state_dir=tmp_path)
         detector.run(config, runtime)  # a file that is not looped: returns once its faces are sent
         stats = runtime.stats
@@ -183,6 +187,40 @@ def test_default_settings_follow_the_sample_face():
     capture.release()
     # 102 of the 120 frames show the face; the rest are the empty gap
     assert frames == 120 and seen >= 0.8 * 102
+
+
+def test_background_search_finds_the_face_and_crops_the_newest_frame():
+    """Each search is waited for before the next frame, as when frames come slower than a search."""
+    finder = detector.FaceFinder(Config().detector, "cam-test", background=True)
+    capture = cv2.VideoCapture(str(SAMPLE_CLIP))
+    seen = frames = 0
+    sent = []
+    try:
+        while (frame := detector.read_frame(capture)) is not None:
+            frames += 1
+            found = finder.locate(frame)
+            seen += bool(found)
+            sent += finder.select(found, frame, frames, 0, frames / 15)[0]
+            finder.searcher.wait(30)
+    finally:
+        capture.release()
+        finder.close()
+    assert frames == 120 and seen >= 0.8 * 102
+    # frame 1 is searched in the background; its face is re-found in, and cropped from, frame 2
+    assert sent[0].frame == 2 and sent[0].track == 1
+    assert len({face.track for face in sent}) == 2 and len(sent) >= 4
+
+
+def test_search_mode_follows_the_source():
+    config = Config().detector
+    config.source = str(SAMPLE_CLIP)
+    assert not detector.search_in_background(config), "a file read flat out: inline, reproducible"
+    config.fps = 15
+    assert detector.search_in_background(config), "a file paced like a camera"
+    config.source, config.fps = "0", 0
+    assert detector.search_in_background(config), "a camera"
+    config.search = "inline"
+    assert not detector.search_in_background(config)
 
 
 def test_every_detection_is_sent_when_dedup_is_off():

@@ -4,26 +4,30 @@ A face that stays in view is seen on every frame; sending each sighting would
 publish the same face thirty times a second. :class:`Tracker` links
 detections across frames into tracks (greedy intersection-over-union
 matching: a detection continues the track whose last box it overlaps most)
-and applies the duplicate-suppression policy:
+and applies a duplicate-suppression policy. In every policy the first
+sighting of a new track is sent at once, so a face reaches the broker within
+a frame of being found, and two crops of one track are at least ``interval``
+seconds apart. After the first crop:
 
-* the first sighting of a new track is sent at once, so a face reaches the
-  broker within a frame of being found;
-* after that, at most one crop per track per ``interval`` seconds: the
-  *largest* sighting in the interval (more pixels of the face; the box area
-  is free to compare, unlike a sharpness measure) is kept and sent when the
-  interval since the previous send has passed, even if the face has left by
-  then;
-* every other sighting is counted as suppressed. A track not seen for
-  ``timeout`` seconds ends; a best sighting it still holds was preceded by a
-  sent crop of the same face and is counted as suppressed.
+* ``"better"`` (the default): a sighting is sent at once, when the interval
+  has passed, only if it is larger than every crop already sent for the track
+  by :data:`BETTER_AREA` (more pixels of the face; box area is free to
+  compare, unlike a sharpness measure). A face that stays put is sent once; a
+  face walking towards the camera is sent again as its crops get better.
+  Nothing is held, so no crop waits.
+* ``"largest"``: the largest sighting of each interval is held and sent when
+  the interval since the previous send has passed (even if the face has left
+  by then): the best crop per interval, up to an interval late.
+* ``"first"``: the first sighting once the interval has passed is sent at
+  once: a steady refresh, one crop per interval while the face is in view.
 
-``interval = 0`` sends every sighting. ``hold_best = False`` trades the
-choice of crop for latency: the first sighting after the interval is sent at
-once instead of the largest of the interval, which may be sent up to an
-interval after it was captured. The tracker is pure logic: what it
-keeps for a sighting (the crop) is produced by the caller's ``keep`` callback,
-called only for sightings that are sent or may be sent, so the hot path does
-not copy pixels it will throw away.
+Every other sighting is counted as suppressed. A track not seen for
+``timeout`` seconds ends; a best sighting it still holds was preceded by a
+sent crop of the same face and is counted as suppressed. ``interval = 0``
+sends every sighting. The tracker is pure logic: what it keeps for a sighting
+(the crop) is produced by the caller's ``keep`` callback, called only for
+sightings that are sent or may be sent, so the hot path does not copy pixels
+it will throw away.
 """
 
 from __future__ import annotations
@@ -33,7 +37,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config import DEDUP_POLICIES as POLICIES
 from .crop import iou
+
+BETTER_AREA = 1.25  # "better": a later crop must have a quarter more pixels than the largest one sent
 
 
 @dataclass
@@ -48,6 +55,7 @@ class Track:
     last_sent: float | None = None
     best: Any = None
     best_area: int = -1
+    sent_area: int = 0  # the largest crop sent so far
 
 
 @dataclass
@@ -63,11 +71,13 @@ class Tracker:
     """Intersection-over-union tracker with per-track duplicate suppression."""
 
     def __init__(self, iou_threshold: float = 0.3, interval: float = 1.0, timeout: float = 1.0,
-                 hold_best: bool = True):
+                 policy: str = "better"):
+        if policy not in POLICIES:
+            raise ValueError(f"unknown duplicate policy {policy!r}: one of {', '.join(POLICIES)}")
         self.iou_threshold = iou_threshold
         self.interval = interval
         self.timeout = timeout
-        self.hold_best = hold_best
+        self.policy = policy
         self.tracks: dict[int, Track] = {}
         self._ids = itertools.count(1)
 
@@ -126,15 +136,26 @@ class Tracker:
 
     def _offer(self, track: Track, detection: Any, now: float, keep: Callable[[Any], Any],
                step: Step) -> None:
-        if self.interval <= 0 or track.last_sent is None or (
-                not self.hold_best and now - track.last_sent >= self.interval):
-            step.send.append((track.id, keep(detection)))
-            track.last_sent = now
-            return
-        if not self.hold_best:
-            step.suppressed += 1
-            return
         area = int(detection[2]) * int(detection[3])
+        if self.interval <= 0 or track.last_sent is None:
+            self._send(track, keep(detection), area, now, step)
+        elif self.policy == "largest":
+            self._hold_if_largest(track, detection, area, keep, step)
+        elif now - track.last_sent >= self.interval and (
+                self.policy == "first" or area >= BETTER_AREA * track.sent_area):
+            self._send(track, keep(detection), area, now, step)
+        else:
+            step.suppressed += 1
+
+    @staticmethod
+    def _send(track: Track, kept: Any, area: int, now: float, step: Step) -> None:
+        step.send.append((track.id, kept))
+        track.last_sent = now
+        track.sent_area = max(track.sent_area, area)
+
+    @staticmethod
+    def _hold_if_largest(track: Track, detection: Any, area: int, keep: Callable[[Any], Any],
+                         step: Step) -> None:
         if area >= track.best_area:
             if track.best is not None:
                 step.suppressed += 1  # the sighting it replaces
@@ -146,8 +167,7 @@ class Tracker:
     def _release_due(self, now: float, step: Step) -> None:
         for track in self.tracks.values():
             if track.best is not None and now - track.last_sent >= self.interval:
-                step.send.append((track.id, track.best))
-                track.last_sent = now
+                self._send(track, track.best, track.best_area, now, step)
                 track.best, track.best_area = None, -1
 
     def _expire(self, now: float, step: Step) -> None:
