@@ -1,0 +1,71 @@
+"""``facehub bench pipeline`` end to end, on a two-second clip: the three rows it prints are real outcomes.
+
+Real brokers, moto's S3 server and the real components (FaceHub's and the
+typical implementation's) as processes; the clip is cut from the built-in
+sample so the run stays short.
+"""
+
+from __future__ import annotations
+
+import cv2
+import pytest
+
+from facehub.bench import pipeline
+from facehub.detection import SAMPLE_CLIP
+
+pytestmark = pytest.mark.timeout(300)
+
+FRAMES = 30  # the sample's face is in view for its first 54 frames
+
+
+@pytest.fixture
+def short_clip(tmp_path):
+    """The first FRAMES frames of the built-in sample, at its own frame rate."""
+    capture = cv2.VideoCapture(str(SAMPLE_CLIP))
+    fps = capture.get(cv2.CAP_PROP_FPS)
+    path = tmp_path / "short.mp4"
+    writer = None
+    for _ in range(FRAMES):
+        ok, frame = capture.read()
+        assert ok
+        if writer is None:
+            height, width = frame.shape[:2]
+            writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+        writer.write(frame)
+    writer.release()
+    capture.release()
+    return path
+
+
+def test_end_to_end_rows_count_what_was_stored(short_clip, tmp_path):
+    result = pipeline.end_to_end(str(short_clip), tmp_path, loops=1)
+    assert result["clip"].frames == FRAMES and result["loops"] == 1
+    defaults, every, typical = result["rows"]
+
+    for row in (defaults, every):
+        assert row["frames"] >= FRAMES
+        assert row["published"] > 0
+        assert row["stored"] == row["published"] and row["lost"] == 0
+        assert row["publish_latency_ms"]["count"] > 0
+        assert row["peak_rss_edge"] > 0 and row["peak_rss_cloud"] > 0
+    assert every["published"] > defaults["published"]  # every detection sent, not one per interval
+    assert every["latency_ms"]["count"] == every["stored"]
+
+    assert typical["frames"] == FRAMES
+    assert typical["published"] > FRAMES // 2  # the face is in view in every frame of the clip
+    assert 0 < typical["stored"] <= typical["published"]
+    assert typical["lost"] == typical["published"] - typical["stored"]
+    assert typical["latency_ms"]["count"] == typical["stored"]
+    assert typical["publish_latency_ms"] is None
+    assert typical["peak_rss_edge"] > 0 and typical["peak_rss_cloud"] > 0
+
+
+def test_bridge_state_is_read_from_sys_topics(tmp_path):
+    from facehub.localbroker import LocalBroker, bridge_config
+
+    assert pipeline.bridge_name(bridge_config(1883)) == "bench-bridge"
+    with LocalBroker(tmp_path / "cloud") as cloud, \
+            LocalBroker(tmp_path / "edge", extra=bridge_config(cloud.port)) as edge:
+        pipeline.wait_bridge_connected(edge.port, "bench-bridge", timeout=30)
+        with pytest.raises(RuntimeError, match="did not connect"):
+            pipeline.wait_bridge_connected(edge.port, "no-such-bridge", timeout=1)
