@@ -1,14 +1,15 @@
 """``facehub bench``: speed and quality figures, printed as Markdown tables.
 
     facehub bench                      everything below, on the built-in clip
-    facehub bench detector [--source PATH] [--threads N]
+    facehub bench detector [--source PATH] [--threads N] [--rate FPS]
     facehub bench quality  [--faces DIR] [--model YUNET.onnx]
-    facehub bench pipeline [--source PATH]
+    facehub bench pipeline [--source PATH] [--loops N]
 
 Every figure is measured in the run that prints it, with the typical
 implementation (``bench/baseline.py``) measured beside FaceHub on the same
-input. ``bench detector`` ends with ``frames=N faces=N fps=X`` for FaceHub on
-the given source.
+input. ``bench detector`` measures throughput (frames fed flat out) and
+latency at a camera's rate (``--rate``), and ends with ``frames=N faces=N
+fps=X`` for FaceHub on the given source.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from ..config import ConfigError, load
 
+LATENCY_FRAMES = 300  # 10 s at 30 fps per latency row
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 
 
@@ -36,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", type=Path, default=SHARED / "models" / "face_detection_yunet.onnx",
                         help="YuNet ONNX model for the quality table")
     parser.add_argument("--no-publish", action="store_true", help="time detection without a broker")
+    parser.add_argument("--loops", type=int,
+                        help="times bench pipeline plays the clip (default: about 30 s of video)")
+    parser.add_argument("--rate", type=float, default=30.0,
+                        help="camera rate (frames/s) for the latency table (0 = skip it)")
     return parser
 
 
@@ -52,7 +58,7 @@ def main(argv: list[str] | None = None, config_path: str | None = None) -> int:
     if args.what in ("all", "quality"):
         bench_quality(config, args)
     if args.what in ("all", "pipeline"):
-        bench_pipeline(source)
+        bench_pipeline(source, args.loops)
     if args.what in ("all", "detector"):
         return bench_detector(config, args, source)
     return 0
@@ -68,7 +74,7 @@ def bench_detector(config, args, source: str) -> int:
     given = bool(args.source)
     resolutions = [tuple(native)] if given else [(640, 480), (1280, 720)]
     threads = args.threads or ([1] if given else [1, 2])
-    runs = []
+    runs, latency = [], []
     with tempfile.TemporaryDirectory(prefix="facehub-bench-") as work:
         broker = None if args.no_publish else LocalBroker(Path(work) / "broker").start()
         publisher = bench.Publisher(broker.port) if broker else None
@@ -77,8 +83,12 @@ def bench_detector(config, args, source: str) -> int:
                 sized = bench.at_resolution(frames, width, height, minimum=0 if given else 300)
                 for count in threads:
                     config.detector.threads = count
-                    runs.append(bench.run_baseline(sized, count, publisher, capture_s))
-                    runs.append(bench.run_facehub(sized, config.detector, publisher, fps, capture_s))
+                    with bench.on_cores(1 if count == 1 else 0):
+                        runs.append(bench.run_baseline(sized, count, publisher, capture_s))
+                        runs.append(bench.run_facehub(sized, config.detector, publisher, fps, capture_s))
+            if publisher and args.rate > 0:
+                paced = bench.at_resolution(frames, *resolutions[0], minimum=0 if given else 300)[:LATENCY_FRAMES]
+                latency = bench.latency_runs(paced, config.detector, broker.port, publisher, args.rate, threads)
         finally:
             if publisher:
                 publisher.close()
@@ -86,6 +96,11 @@ def bench_detector(config, args, source: str) -> int:
                 broker.stop()
     print(f"\n## Detector speed ({source}, {os.cpu_count()} cores)\n")
     print(bench.table(runs))
+    if latency:
+        width, height = resolutions[0]
+        print(f"\n## Detector latency at camera rate ({width}x{height}, {args.rate:g} fps, "
+              f"local broker, QoS 1 acknowledged; typical: QoS 0 handed to the client)\n")
+        print(bench.latency_table(latency, args.rate))
     for width, height in resolutions:
         for count in threads:
             ours = next(r for r in runs if r.name == "facehub" and (r.width, r.height, r.threads) == (width, height, count))

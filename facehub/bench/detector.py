@@ -1,23 +1,41 @@
-"""Detector speed: frames per second and time per stage, FaceHub against the typical implementation.
+"""Detector speed and latency, FaceHub against the typical implementation.
 
 Frames are decoded once (the capture stage is timed on that pass), resized to
 the resolution under test and then fed from memory to both detectors, so both
 see the same frames and neither is timed on the codec. Each face is published
 to a real local broker: FaceHub's JPEG crops at QoS 1 after duplicate
 suppression, the typical implementation's PNG crops at QoS 0, every frame.
+
+Two measurements:
+
+* *throughput* (:func:`run_facehub`, :func:`run_baseline`): frames fed flat
+  out, the full search inline, so every search is paid for: frames per second
+  and time per stage;
+* *latency at camera rate* (:func:`paced_facehub`, :func:`paced_baseline`):
+  frames delivered at a camera's rate by :func:`camera`, which, like a camera
+  with a one-frame buffer, skips frames the detector is too busy to take;
+  capture-to-published time per face.
+
+"One thread" rows run on one core (CPU affinity), not just with one OpenCV
+thread, so a background thread cannot borrow the second core.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 
 from .. import mqtt
-from ..config import BrokerConfig, DetectorConfig, opencv_threads
-from ..detector import FaceFinder
+from ..config import BrokerConfig, Config, DetectorConfig, opencv_threads
+from ..detector import FaceFinder, FacePublisher
+from ..runtime import Runtime, percentiles
 from . import baseline
 
 STAGES = ("capture", "detect", "crop+encode", "publish")
@@ -163,3 +181,122 @@ def table(runs: list[Run]) -> str:
                      f"{r.ms_per_frame('crop+encode'):.2f} | {r.ms_per_frame('publish'):.2f} | {r.detected} | "
                      f"{r.sent} | {r.sent / r.frames:.2f} |")
     return "\n".join(lines)
+
+
+# -- latency at camera rate --------------------------------------------------------------------
+
+
+@contextmanager
+def on_cores(count: int) -> Iterator[None]:
+    """Run this thread, and the threads it starts meanwhile, on ``count`` CPUs (all when 0)."""
+    before = os.sched_getaffinity(0)
+    if count:
+        os.sched_setaffinity(0, sorted(before)[:count])
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+
+
+@dataclass
+class Latency:
+    """Capture-to-published times of one paced run."""
+
+    name: str
+    cores: int
+    frames: int = 0
+    skipped: int = 0
+    faces: int = 0
+    ms: dict = field(default_factory=dict)
+
+
+def camera(frames: list[np.ndarray], rate: float, run: Latency) -> Iterator[tuple[np.ndarray, int]]:
+    """Yield ``(frame, captured_ms)`` as a camera delivering ``rate`` frames/s with a one-frame buffer.
+
+    A frame is captured at its due time; when the consumer comes back later
+    than the next frame's due time, the frames it missed are skipped (counted)
+    and it gets the newest one, stamped with when that one was captured.
+    """
+    started = time.time()
+    index = 0
+    while index < len(frames):
+        due = started + index / rate
+        now = time.time()
+        if now < due:
+            time.sleep(due - now)  # the camera has not produced this frame yet
+        else:
+            newest = min(len(frames) - 1, int((now - started) * rate))
+            run.skipped += newest - index
+            index = newest
+            due = started + index / rate
+        run.frames += 1
+        yield frames[index], int(due * 1000)
+        index += 1
+
+
+def paced_facehub(frames: list[np.ndarray], cfg: DetectorConfig, port: int, rate: float, cores: int,
+                  name: str) -> Latency:
+    """FaceHub's detector and real publisher (QoS 1, acknowledged) on frames delivered at ``rate``."""
+    config = Config(device_id="bench-paced")
+    config.local.port = port
+    config.detector = cfg
+    run = Latency(name, cores)
+    runtime = Runtime("bench-paced")
+    with on_cores(cores):
+        cv2.setNumThreads(opencv_threads(cfg.threads))
+        finder = FaceFinder(cfg, "bench", background=cfg.search == "background")
+        publisher = FacePublisher(config, runtime, client_id=f"bench-paced-{name}-{cores}")
+        publisher.start()
+        publisher.state.connected.wait(10)
+        for number, (frame, captured_ms) in enumerate(camera(frames, rate, run), 1):
+            detections = finder.locate(frame)
+            faces, _ = finder.select(detections, frame, number, captured_ms, captured_ms / 1000)
+            for face in faces:
+                publisher.put(face)
+        finder.close()
+        publisher.wait_idle(runtime)
+        publisher.close()
+    run.faces = runtime.stats["faces_published"]
+    run.ms = percentiles(runtime.samples.get("publish_latency_ms", ()))
+    return run
+
+
+def paced_baseline(frames: list[np.ndarray], publisher: Publisher, rate: float, cores: int) -> Latency:
+    """The typical implementation on frames delivered at ``rate``: time until each PNG is handed to paho."""
+    run = Latency("typical", cores)
+    detector = baseline.TypicalDetector()
+    samples = []
+    with on_cores(cores):
+        cv2.setNumThreads(max(cores, 1))
+        for frame, captured_ms in camera(frames, rate, run):
+            for crop in baseline.encode_all(frame, detector.detect(frame)):
+                publisher.publish(crop, 0)
+                samples.append(time.time() * 1000 - captured_ms)
+    run.faces = len(samples)
+    run.ms = percentiles(samples)
+    return run
+
+
+def latency_table(runs: list[Latency], rate: float) -> str:
+    lines = [f"| detector | cores | frames delivered | frames skipped | faces published "
+             f"| capture->published ms p50/p95/p99 (max) at {rate:g} fps |", "|---|---|---|---|---|---|"]
+    for r in runs:
+        ms = r.ms
+        figures = f"{ms['p50']:.0f}/{ms['p95']:.0f}/{ms['p99']:.0f} ({ms['max']:.0f})" if ms.get("count") else "n/a"
+        lines.append(f"| {r.name} | {r.cores} | {r.frames} | {r.skipped} | {r.faces} | {figures} |")
+    return "\n".join(lines)
+
+
+def latency_runs(frames: list[np.ndarray], cfg: DetectorConfig, port: int, publisher: Publisher,
+                 rate: float, cores: list[int]) -> list[Latency]:
+    """The typical implementation and FaceHub's search modes at camera rate, on 1 and 2 cores."""
+    runs = []
+    for count in cores:
+        runs.append(paced_baseline(frames, publisher, rate, count))
+        settings = [("facehub inline search, every detection", "inline", 0.0),
+                    ("facehub background search, every detection", "background", 0.0),
+                    ("facehub background search, defaults", "background", cfg.dedup_interval)]
+        for name, search, interval in settings:
+            paced = dataclasses.replace(cfg, search=search, dedup_interval=interval, threads=count)
+            runs.append(paced_facehub(frames, paced, port, rate, count, name))
+    return runs
