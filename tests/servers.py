@@ -173,3 +173,61 @@ def list_objects(endpoint_url: str, bucket: str, prefix: str = "") -> dict[str, 
         for item in page.get("Contents", []):
             result[item["Key"]] = {"size": item["Size"]}
     return result
+
+
+class MjpegCamera:
+    """An IP camera on 127.0.0.1: the frames of a video served once as an MJPEG stream over HTTP.
+
+    The first request gets every frame, at ``fps`` (0 = as fast as the socket
+    takes them), then the stream ends, as when a camera goes away; later
+    requests are refused with 503, so the frames a detector sees come from one
+    stream only.
+    """
+
+    def __init__(self, video: str | os.PathLike, fps: float = 30.0):
+        import http.server
+        import threading
+
+        import cv2
+
+        capture = cv2.VideoCapture(str(video))
+        self.frames = []
+        while (read := capture.read())[0]:
+            self.frames.append(cv2.imencode(".jpg", read[1])[1].tobytes())
+        capture.release()
+        self.fps = fps
+        self.served = threading.Event()
+        camera = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                if camera.served.is_set():
+                    self.send_error(503, "camera gone")
+                    return
+                camera.served.set()
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                camera.stream(self.wfile)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/stream.mjpg"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stream(self, out) -> None:
+        started = time.monotonic()
+        try:
+            for index, jpeg in enumerate(self.frames):
+                if self.fps:
+                    time.sleep(max(0.0, started + index / self.fps - time.monotonic()))  # the camera's clock
+                out.write(b"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpeg))
+                out.write(jpeg + b"\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -11,7 +11,7 @@ import threading
 import cv2
 import numpy as np
 import pytest
-from servers import Mosquitto, free_port, wait_for
+from servers import MjpegCamera, Mosquitto, free_port, wait_for
 
 from facehub import detector, messages, mqtt
 from facehub.config import Config
@@ -89,6 +89,43 @@ def test_sample_clip_faces_reach_a_subscriber(broker, tmp_path, fps, background)
     saved = json.loads((tmp_path / "detector.stats.json").read_text())
     assert saved["counters"]["faces_published"] == stats["faces_published"]
     assert saved["percentiles"]["publish_latency_ms"]
+
+
+@pytest.mark.parametrize("fps", [30.0, 0.0], ids=["camera-rate", "flat-out"])
+def test_ip_camera_stream_every_frame_processed_or_counted_skipped(broker, tmp_path, fps):
+    """A live MJPEG stream: the newest frame is always the one processed, and none goes unaccounted."""
+    camera = MjpegCamera(SAMPLE_CLIP, fps=fps)
+    subscriber = Subscriber(broker.port)
+    runtime = Runtime("detector", state_dir=tmp_path)
+    try:
+        assert subscriber.subscribed.wait(10)
+        config = detector_config(broker.port, source=camera.url)
+        assert detector.search_in_background(config.detector)
+        thread = start_detector(config, runtime)
+        # the stream ends after its 120 frames; the detector notices and fails to reopen it (503)
+        wait_for(lambda: runtime.stats["source_errors"] >= 1, 60, message="the stream ended")
+        runtime.stop.set()
+        thread.join(30)
+        assert not thread.is_alive()
+    finally:
+        runtime.stop.set()
+        subscriber.close()
+        camera.close()
+    stats = runtime.stats
+    assert stats["frames"] + stats["frames_skipped"] == 120
+    if fps:
+        assert stats["frames"] >= 60, "at camera rate the detector keeps up"
+        assert stats["faces_published"] >= 3 and len(subscriber.messages) == stats["faces_published"]
+    else:
+        assert stats["frames"] >= 1
+
+
+def test_paced_file_skips_overdue_frames_and_counts_them(broker, tmp_path):
+    """A file played at 1000 fps cannot be processed that fast: the overdue frames are skipped, counted."""
+    runtime = Runtime("detector", state_dir=tmp_path)
+    detector.run(detector_config(broker.port, fps=1000.0, search="inline"), runtime)
+    stats = runtime.stats
+    assert stats["frames_skipped"] > 0 and stats["frames"] + stats["frames_skipped"] == 120
 
 
 def test_capture_goes_on_while_the_broker_is_down(tmp_path):

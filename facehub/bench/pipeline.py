@@ -248,6 +248,16 @@ def _wait_counter(state_dir: Path, name: str, key: str, target: int, timeout: fl
     return value
 
 
+def _wait_frames(state_dir: Path, target: int, timeout: float) -> None:
+    """Until the detector has taken or skipped (when it fell behind the camera) ``target`` frames."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        counters = read_stats(state_dir).get("detector", {}).get("counters", {})
+        if counters.get("frames", 0) + counters.get("frames_skipped", 0) >= target:
+            return
+        time.sleep(0.05)
+
+
 def tree_rss(pid: int) -> int:
     """Resident memory (bytes) of a process and all its descendants, from /proc."""
     return trees_rss([pid])
@@ -395,7 +405,7 @@ def facehub_row(name: str, clip: Clip, frames: int, endpoint: str, workdir: Path
         start("logger", "edge")
         started = time.perf_counter()
         detector = start("detector", "edge")
-        _wait_counter(workdir, "detector", "frames", frames, timeout)
+        _wait_frames(workdir, frames, timeout)
         stop_process(detector)  # its last faces still go out: it flushes its queue on SIGTERM
         published = counter(read_stats(workdir), "detector", "faces_published")
         _, finished = wait_stored(lambda: _facehub_stored(workdir), published, timeout)
