@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -44,7 +45,7 @@ from paho.mqtt.enums import MQTTErrorCode
 from . import mqtt
 from .config import Config, DetectorConfig, opencv_threads
 from .detection import SAMPLE_CLIP, Detection, SourceError, Tracker, make_backend
-from .detection.crop import crop, encode_jpeg, iou
+from .detection.crop import crop, encode_jpeg, same_face
 from .detection.source import Source, describe, open_source, parse_source
 from .messages import Face
 from .runtime import Runtime
@@ -56,6 +57,7 @@ log = logging.getLogger(__name__)
 PUBLISH_WINDOW = 100  # faces handed to the MQTT client and not yet acknowledged
 CLOSE_TIMEOUT = 3.0  # seconds to finish sending queued faces when stopping
 DROP_LOG_INTERVAL = 10.0
+SEARCH_NICE = 10  # the background search yields the CPU to the per-frame work
 
 
 def run(config: Config, runtime: Runtime) -> None:
@@ -349,13 +351,13 @@ class FaceFinder:
 
     def _locate_with_background_search(self, frame: np.ndarray) -> list[Detection]:
         tracked = self.tracker.boxes()
-        found = [d for d in self.searcher.take() if all(iou(d, box) < self.cfg.track_iou for box in tracked)]
+        found = [d for d in self.searcher.take() if not any(same_face(d, box) for box in tracked)]
         self._until_detect -= 1
         if self._until_detect <= 0 and self.searcher.submit(frame):
             self._until_detect = self.cfg.detect_every
         boxes = tracked + [d.box for d in found]
         located = self.backend.follow(frame, boxes) if boxes else []
-        missed = [d for d in found if all(iou(d, hit) < self.cfg.track_iou for hit in located)]
+        missed = [d for d in found if not any(same_face(d, hit) for hit in located)]
         return located + missed
 
     def select(self, detections: Sequence[Detection], frame: np.ndarray, number: int, captured_ms: int,
@@ -385,11 +387,17 @@ class FaceFinder:
 
 
 class BackgroundSearch:
-    """One full search at a time on a worker thread: submit a frame, take the faces when it is done."""
+    """One full search at a time on a worker thread: submit a frame, take the faces when it is done.
+
+    The worker runs at a lower scheduling priority (:data:`SEARCH_NICE`): on a
+    single core it then yields to the per-frame work, so a long search on a busy
+    scene delays new faces a little instead of delaying every frame.
+    """
 
     def __init__(self, backend):
         self.backend = backend
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="facehub-search")
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="facehub-search",
+                                        initializer=lower_priority)
         self._running: Future | None = None
 
     def submit(self, frame: np.ndarray) -> bool:
@@ -414,6 +422,14 @@ class BackgroundSearch:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._running = None
+
+
+def lower_priority(nice: int = None) -> None:
+    """Make the calling thread nicer (Linux schedules threads one by one); harmless where unsupported."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SEARCH_NICE if nice is None else nice)
+    except (AttributeError, OSError) as error:
+        log.debug("detector: cannot lower the search thread's priority: %s", error)
 
 
 def search_in_background(cfg: DetectorConfig) -> bool:

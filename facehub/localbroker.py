@@ -47,7 +47,7 @@ class LocalBroker:
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
-                        f"persistence_location {self.workdir}/\nmax_queued_messages 100000\n"
+                        f"set_tcp_nodelay true\npersistence_location {self.workdir}/\nmax_queued_messages 100000\n"
                         f"log_dest file {self.workdir}/mosquitto.log\n{self.run_as()}{self.extra}\n")
         self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL, start_new_session=True)

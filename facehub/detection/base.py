@@ -16,7 +16,7 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
-from .crop import clip_box, expand_box, iou, scale_box
+from .crop import clip_box, expand_box, iou, same_face, scale_box
 
 FOLLOW_MARGIN = 0.4  # search 0.4 face widths around the last box: faces move less than that per frame
 FOLLOW_FACE = 32  # the search window is resampled so the face is this many pixels wide (cheap, size-independent)
@@ -108,8 +108,8 @@ class Backend:
             hits = [(x + hx / scale, y + hy / scale, hw / scale, hh / scale, *rest)
                     for hx, hy, hw, hh, *rest in hits]
             best = max(hits, key=lambda hit: iou(hit, last), default=None)
-            if best is not None and iou(best, last) >= FOLLOW_IOU:
-                found.append(best)
+            if best is not None and iou(best, last) >= FOLLOW_IOU and not any(same_face(best, f) for f in found):
+                found.append(best)  # two tracks converging on one face: the first (older) keeps it
         return self._to_frame(found, factor, frame.shape)
 
     def _to_frame(self, boxes: list[tuple], factor: float, shape: tuple) -> list[Detection]:

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 Box = tuple[int, int, int, int]
+SAME_FACE_OVERLAP = 0.5  # a box covering half of another is the same face
 
 
 def scale_box(box: Sequence[float], factor: float) -> Box:
@@ -68,6 +69,11 @@ def iou(a: Sequence[float], b: Sequence[float]) -> float:
     """Intersection over union of two ``(x, y, w, h)`` boxes (0 when they do not touch)."""
     inter = intersection(a, b)
     return inter / (a[2] * a[3] + b[2] * b[3] - inter) if inter else 0.0
+
+
+def same_face(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Do two boxes show the same face? Yes when either covers half of the other (nested boxes count)."""
+    return overlap_of_smaller(a, b) >= SAME_FACE_OVERLAP
 
 
 def overlap_of_smaller(a: Sequence[float], b: Sequence[float]) -> float:

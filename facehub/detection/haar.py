@@ -28,7 +28,7 @@ import numpy as np
 
 from ..config import DetectorConfig
 from .base import Backend, grey, resize
-from .crop import expand_box, iou, overlap_of_smaller
+from .crop import expand_box, iou, same_face
 
 VERIFY_SIZES = (36, 44, 52, 60)  # face widths (px) the verifier looks at each proposal with
 VERIFY_MARGIN = 0.2  # context around the proposal for the verifier's search window
@@ -36,7 +36,6 @@ VERIFY_SCALE_FACTOR = 1.05
 VERIFY_RANGE = 1.3  # verifier hits must be within this factor of the proposal's size...
 VERIFY_IOU = 0.5  # ...and overlap it this much
 FOLLOW_SCALE_FACTOR = 1.2  # re-finding a tracked face needs no fine size steps
-NESTED_OVERLAP = 0.5  # a box covering half of a stronger box is the same face
 
 
 def cascade_path(name: str) -> str:
@@ -117,6 +116,6 @@ def drop_nested(boxes: list[tuple]) -> list[tuple]:
     """Keep the strongest (most neighbours) of boxes that cover each other: one box per face."""
     kept: list[tuple] = []
     for box in sorted(boxes, key=lambda b: -b[5]):
-        if all(overlap_of_smaller(box, other) < NESTED_OVERLAP for other in kept):
+        if not any(same_face(box, other) for other in kept):
             kept.append(box)
     return kept
