@@ -111,3 +111,16 @@ def test_gstreamer_pipeline_failure_names_the_cause():
 
     with pytest.raises(SourceError, match="GStreamer pipeline 'videotestsrc ! appsink': OpenCV cannot open it"):
         open_source("videotestsrc ! appsink")
+
+
+def test_two_tracks_on_one_face_follow_to_one_box():
+    """Boxes that converge on the same face give one detection: the first (older) track keeps it."""
+    capture = cv2.VideoCapture(str(SAMPLE_CLIP))
+    frame = capture.read()[1]
+    capture.release()
+    backend = make_backend(DetectorConfig())
+    face = backend.detect(frame)[0].box
+    x, y, w, h = face
+    inner = (x + w // 8, y + h // 8, w * 3 // 4, h * 3 // 4)  # nested in the face box: IoU about 0.56
+    found = backend.follow(frame, [face, inner])
+    assert len(found) == 1 and iou(found[0], face) > 0.5

@@ -31,6 +31,21 @@ def test_broker_down_at_start_is_retried(tmp_path):
         mqtt.stop(client)
 
 
+def test_clients_send_without_nagle_delay(broker):
+    """Small packets (acknowledgements, faces) must not wait for the peer's delayed ACK."""
+    import socket
+
+    client = mqtt.make_client(BrokerConfig(port=broker.port), "nodelay-client")
+    state = mqtt.ConnectionState("nodelay")
+    state.attach(client)
+    mqtt.start(client, BrokerConfig(port=broker.port), persistent=False)
+    try:
+        assert state.connected.wait(10)
+        assert client.socket().getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    finally:
+        mqtt.stop(client)
+
+
 def test_describe_lines():
     face = messages.Face(JPEG, "cam-1", face_id="abc", box=(1, 2, 3, 4), frame=7, score=0.5)
     line = describe("faces/cam-1", face.image, face.properties(), 10_000, "faces")
