@@ -155,8 +155,14 @@ def bench_quality(config, args) -> None:
         import cv2
 
         image = cv2.imread(str(dogs))
-        print("\nfalse faces on dogs.jpg: " + ", ".join(f"{name.split(':')[0]} {len(detect(image))}"
+        print("\nfalse faces on dogs.jpg: " + ", ".join(f"{short_name(name)} {len(detect(image))}"
                                                          for name, detect in rows))
+
+
+def short_name(row: str) -> str:
+    """'facehub: yunet' -> 'yunet', 'typical: Haar ...' -> 'typical'."""
+    kind, _, detail = row.partition(": ")
+    return kind if kind == "typical" else detail.split(" ")[0]
 
 
 def bench_pipeline(source: str, loops: int | None = None) -> None:
