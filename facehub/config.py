@@ -21,6 +21,7 @@ from typing import Any, Mapping
 ENV_PREFIX = "FACEHUB_"
 SECRET_KEYS = {"password", "secret", "key_secret", "secret_access_key"}
 MASK = "********"
+SESSION_NEVER_EXPIRES = 0xFFFFFFFF  # MQTT v5: the broker keeps the session until the client ends it
 SEARCH_MODES = ("auto", "background", "inline")
 DEDUP_POLICIES = ("better", "largest", "first")
 
@@ -53,7 +54,8 @@ class BrokerConfig:
         _check(0 < self.port < 65536, f"{section}.port", "must be 1..65535")
         _check(self.qos in (0, 1, 2), f"{section}.qos", "must be 0, 1 or 2")
         _check(self.keepalive >= 5, f"{section}.keepalive", "must be >= 5 seconds")
-        _check(self.session_expiry >= 0, f"{section}.session_expiry", "must be >= 0")
+        _check(0 <= self.session_expiry <= SESSION_NEVER_EXPIRES, f"{section}.session_expiry",
+               f"must be 0..{SESSION_NEVER_EXPIRES} seconds ({SESSION_NEVER_EXPIRES} = never expires)")
         _check(0 < self.reconnect_min <= self.reconnect_max, f"{section}.reconnect_min",
                "must be > 0 and <= reconnect_max")
         for key in ("ca_file", "cert_file", "key_file"):
@@ -242,7 +244,9 @@ class Config:
     device_id: str = field(default_factory=lambda: _safe_name(socket.gethostname()))
     topic_prefix: str = "faces"
     log_level: str = "INFO"
-    local: BrokerConfig = field(default_factory=BrokerConfig)
+    # the edge broker keeps the forwarder's queue however long the forwarder is down (bounded by the
+    # broker's max_queued_messages), so faces published meanwhile still reach the cloud
+    local: BrokerConfig = field(default_factory=lambda: BrokerConfig(session_expiry=SESSION_NEVER_EXPIRES))
     cloud: BrokerConfig = field(default_factory=lambda: BrokerConfig(port=1884))
     detector: DetectorConfig = field(default_factory=DetectorConfig)
     forwarder: ForwarderConfig = field(default_factory=ForwarderConfig)

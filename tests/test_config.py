@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from facehub.config import MASK, ConfigError, load
+from facehub.config import MASK, Config, ConfigError, load
 
 
 def test_environment_overrides_file(tmp_path):
@@ -74,3 +74,15 @@ def test_config_check_reports_bad_key():
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "detector.jpeg_quality" in result.stderr
+
+
+def test_forwarder_session_on_the_edge_broker_never_expires():
+    """Faces published while the forwarder is down stay queued for it however long the outage lasts."""
+    from facehub import mqtt
+
+    config = Config()
+    assert mqtt.connect_properties(config.local).SessionExpiryInterval == 0xFFFFFFFF
+    assert mqtt.connect_properties(config.cloud).SessionExpiryInterval == 86400
+    config.local.session_expiry = 2 ** 32
+    with pytest.raises(ConfigError, match="local.session_expiry"):
+        config.validate()
