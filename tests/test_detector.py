@@ -11,6 +11,7 @@ import threading
 import cv2
 import numpy as np
 import pytest
+from conftest import YUNET_MODEL
 from servers import MjpegCamera, Mosquitto, free_port, wait_for
 
 from facehub import detector, messages, mqtt
@@ -226,9 +227,14 @@ def test_default_settings_follow_the_sample_face():
     assert frames == 120 and seen >= 0.8 * 102
 
 
-def test_background_search_finds_the_face_and_crops_the_newest_frame():
+@pytest.mark.parametrize("backend", ["haar", "yunet"])
+def test_background_search_finds_the_face_and_crops_the_newest_frame(backend):
     """Each search is waited for before the next frame, as when frames come slower than a search."""
-    finder = detector.FaceFinder(Config().detector, "cam-test", background=True)
+    config = Config().detector
+    if backend == "yunet":
+        assert YUNET_MODEL.is_file(), f"the shared YuNet model is missing: {YUNET_MODEL}"
+        config.backend, config.model_path = "yunet", str(YUNET_MODEL)
+    finder = detector.FaceFinder(config, "cam-test", background=True)
     capture = cv2.VideoCapture(str(SAMPLE_CLIP))
     seen = frames = 0
     sent = []
