@@ -22,6 +22,7 @@ from pathlib import Path
 from ..config import ConfigError, load
 
 CROWD_PHOTO = "2007_007763.jpg"  # seven faces: the busy scene of the detector benchmark
+CORES_FRAMES = 40  # full searches per way of using the cores
 LATENCY_FRAMES = 300  # 10 s at 30 fps per latency row
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 
@@ -118,6 +119,14 @@ def bench_detector(config, args, source: str, given: bool, threads: list[int], l
         print(f"\n## Detector latency at camera rate ({width}x{height}, {args.rate:g} fps, "
               f"local broker, QoS 1 acknowledged; typical: QoS 0 handed to the client)\n")
         print(bench.latency_table(latency, args.rate))
+    cores = max(threads)
+    if cores > 1 and len(os.sched_getaffinity(0)) >= cores:
+        from . import cores as two_cores
+
+        width, height = resolutions[0]
+        sample = bench.at_resolution(frames, width, height, minimum=0)[:CORES_FRAMES]
+        print(f"\n## {cores} cores for the full search ({width}x{height}, {len(sample)} frames)\n")
+        print(two_cores.table(two_cores.compare(sample, config.detector, cores)))
     for width, height in resolutions:
         for count in threads:
             ours = next(r for r in runs if r.name == "facehub" and (r.width, r.height, r.threads) == (width, height, count))
