@@ -268,7 +268,11 @@ class LatestFrame:
     def _read(self) -> None:
         try:
             while not self._closing:
-                ok, frame = self._capture.read()
+                try:
+                    ok, frame = self._capture.read()
+                except cv2.error as error:  # a driver or decoder failure: the source has failed, reopen it
+                    log.warning("detector: reading the source failed: %s", error)
+                    break
                 with self._cond:
                     if not ok or frame is None:
                         break
