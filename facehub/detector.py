@@ -20,9 +20,11 @@ Four stages, each a small function or method a benchmark can time alone:
    full the oldest face is dropped and counted.
 
 Counters: ``frames`` (processed), ``frames_skipped`` (too late to process),
-``faces_detected``, ``faces_published`` (acknowledged by the broker at QoS >= 1),
-``faces_suppressed``, ``faces_dropped``, ``source_errors``; percentiles of ``publish_latency_ms`` (capture to
-acknowledgement).
+``faces_detected``, ``faces_published`` (acknowledged by the broker at QoS >=
+1), ``faces_suppressed``, ``faces_dropped``, ``source_errors``; percentiles of
+``publish_latency_ms`` (capture to acknowledgement) and of ``search_ms`` (one
+full search: how long a new face can go unnoticed beyond ``detect_every``
+frames).
 """
 
 from __future__ import annotations
@@ -86,6 +88,8 @@ def run(config: Config, runtime: Runtime) -> None:
                 runtime.count("faces_suppressed", suppressed)
             for face in faces:
                 publisher.put(face)
+            while finder.search_ms:
+                runtime.observe("search_ms", finder.search_ms.pop())
             runtime.beat()
         held = finder.close()
         if held:
@@ -335,8 +339,9 @@ class FaceFinder:
         self.backend = make_backend(cfg)
         self.tracker = Tracker(cfg.track_iou, cfg.dedup_interval, cfg.track_timeout, cfg.dedup_policy)
         self._until_detect = 0
+        self.search_ms: list[float] = []  # how long each full search took, until the caller takes them
         # OpenCV's detectors keep per-image state: the search thread gets a backend of its own
-        self.searcher = BackgroundSearch(make_backend(cfg)) if background else None
+        self.searcher = BackgroundSearch(make_backend(cfg), self.search_ms) if background else None
 
     @property
     def background(self) -> bool:
@@ -348,7 +353,7 @@ class FaceFinder:
             return self._locate_with_background_search(frame)
         if self._until_detect <= 0:
             self._until_detect = self.cfg.detect_every - 1
-            return self.backend.detect(frame)
+            return timed_search(self.backend, frame, self.search_ms)
         self._until_detect -= 1
         boxes = self.tracker.boxes()
         return self.backend.follow(frame, boxes) if boxes else []
@@ -398,8 +403,9 @@ class BackgroundSearch:
     scene delays new faces a little instead of delaying every frame.
     """
 
-    def __init__(self, backend):
+    def __init__(self, backend, durations: list[float]):
         self.backend = backend
+        self.durations = durations
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="facehub-search",
                                         initializer=lower_priority)
         self._running: Future | None = None
@@ -408,7 +414,7 @@ class BackgroundSearch:
         """Start searching ``frame`` unless a search is still running; True when started."""
         if self._running is not None:
             return False
-        self._running = self._pool.submit(self.backend.detect, frame)
+        self._running = self._pool.submit(timed_search, self.backend, frame, self.durations)
         return True
 
     def take(self) -> list[Detection]:
@@ -426,6 +432,14 @@ class BackgroundSearch:
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._running = None
+
+
+def timed_search(backend, frame: np.ndarray, durations: list[float]) -> list[Detection]:
+    """``backend.detect(frame)``, noting how long it took (list.append is atomic across threads)."""
+    started = time.perf_counter()
+    found = backend.detect(frame)
+    durations.append((time.perf_counter() - started) * 1000)
+    return found
 
 
 def lower_priority(nice: int = None) -> None:

@@ -90,6 +90,7 @@ def test_sample_clip_faces_reach_a_subscriber(broker, tmp_path, fps, background)
     saved = json.loads((tmp_path / "detector.stats.json").read_text())
     assert saved["counters"]["faces_published"] == stats["faces_published"]
     assert saved["percentiles"]["publish_latency_ms"]
+    assert saved["percentiles"]["search_ms"]["count"] >= 120 // 15 - 1, "every full search is timed"
 
 
 @pytest.mark.parametrize("fps", [30.0, 0.0], ids=["camera-rate", "flat-out"])
