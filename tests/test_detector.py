@@ -71,7 +71,8 @@ def test_sample_clip_faces_reach_a_subscriber(broker, tmp_path, fps, background)
     finally:
         subscriber.close()
 
-    assert stats["frames"] == 120 and stats["source_errors"] == 0
+    # paced like a camera, a frame the detector is late for is skipped (and counted), as a camera would drop it
+    assert stats["frames"] + stats["frames_skipped"] == 120 and stats["source_errors"] == 0
     assert len(subscriber.messages) == stats["faces_published"] >= 5
     assert stats["faces_suppressed"] > stats["faces_published"], "a face in view is not sent every frame"
     assert stats["faces_detected"] == stats["faces_published"] + stats["faces_suppressed"] + stats["faces_dropped"]

@@ -410,9 +410,11 @@ def facehub_row(name: str, clip: Clip, frames: int, endpoint: str, workdir: Path
         published = counter(read_stats(workdir), "detector", "faces_published")
         _, finished = wait_stored(lambda: _facehub_stored(workdir), published, timeout)
     stats = read_stats(workdir)
-    return _row(name, counter(stats, "detector", "frames"), published, counter(stats, "saver", "stored"),
-                finished - started, stats.get("saver", {}).get("percentiles", {}).get("latency_ms", {}),
-                stats.get("detector", {}).get("percentiles", {}).get("publish_latency_ms", {}), rss.peak)
+    row = _row(name, counter(stats, "detector", "frames"), published, counter(stats, "saver", "stored"),
+               finished - started, stats.get("saver", {}).get("percentiles", {}).get("latency_ms", {}),
+               stats.get("detector", {}).get("percentiles", {}).get("publish_latency_ms", {}), rss.peak)
+    row["skipped"] = counter(stats, "detector", "frames_skipped")  # late for, as a camera drops them
+    return row
 
 
 def _facehub_stored(state_dir: Path) -> int:
