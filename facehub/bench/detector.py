@@ -60,6 +60,14 @@ class Run:
         busy = sum(v for k, v in self.seconds.items() if k != "capture")
         return self.frames / busy if busy else 0.0
 
+    def record(self, detected: int, sent: int, *stage_seconds: float) -> None:
+        """One frame: its faces and the seconds of detect, crop+encode and publish."""
+        self.frames += 1
+        self.detected += detected
+        self.sent += sent
+        for stage, seconds in zip(STAGES[1:], stage_seconds):
+            self.seconds[stage] += seconds
+
     def ms_per_frame(self, stage: str) -> float:
         return 1000 * self.seconds[stage] / self.frames if self.frames else 0.0
 
@@ -152,11 +160,7 @@ def run_facehub(frames: list[np.ndarray], cfg: DetectorConfig, publisher: Publis
             for face in faces:
                 publisher.publish(face.image, 1, face.properties())
         t3 = time.perf_counter()
-        run.frames += 1
-        run.detected += len(detections)
-        run.sent += len(faces)
-        for stage, seconds in zip(STAGES[1:], (t1 - t0, t2 - t1, t3 - t2)):
-            run.seconds[stage] += seconds
+        run.record(len(detections), len(faces), t1 - t0, t2 - t1, t3 - t2)
     if publisher:
         started = time.perf_counter()
         publisher.drain()
@@ -181,11 +185,7 @@ def run_baseline(frames: list[np.ndarray], threads: int, publisher: Publisher | 
             for crop in crops:
                 publisher.publish(crop, 0)
         t3 = time.perf_counter()
-        run.frames += 1
-        run.detected += len(boxes)
-        run.sent += len(crops)
-        for stage, seconds in zip(STAGES[1:], (t1 - t0, t2 - t1, t3 - t2)):
-            run.seconds[stage] += seconds
+        run.record(len(boxes), len(crops), t1 - t0, t2 - t1, t3 - t2)
     return run
 
 
