@@ -1,0 +1,44 @@
+"""``facehub bench detector``: the camera model, the paced measurement and the line the command ends with."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+from facehub.bench import detector as bench
+from facehub.config import DetectorConfig
+from facehub.detection import SAMPLE_CLIP
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_camera_model_skips_the_frames_a_busy_consumer_missed():
+    run = bench.Latency("test", 1)
+    taken = []
+    for frame, _ in bench.camera(list(range(20)), 100.0, run):
+        taken.append(frame)
+        if frame == 2:
+            time.sleep(0.1)  # the consumer's slow work: ten frame times at 100 fps
+    assert run.frames == len(taken) and run.frames + run.skipped == 20
+    assert run.skipped >= 5 and taken == sorted(taken), "the newest frame is delivered, never an old one"
+
+
+def test_paced_run_times_every_published_face(broker):
+    frames, _ = bench.read_frames(str(SAMPLE_CLIP), 30)
+    cfg = DetectorConfig(search="background", dedup_interval=0.0)
+    run = bench.paced_facehub(frames, cfg, broker.port, 30.0, 0, "every detection")
+    assert run.frames + run.skipped == 30
+    assert run.faces >= 20, "the sample's face is in every one of its first 30 frames"
+    assert run.ms["count"] == run.faces and run.ms["p50"] > 0
+
+
+def test_bench_detector_ends_with_the_summary_line():
+    result = subprocess.run([sys.executable, "-m", "facehub.cli", "bench", "detector", "--source", str(SAMPLE_CLIP),
+                             "--frames", "30", "--rate", "0"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    last = result.stdout.strip().splitlines()[-1]
+    match = re.fullmatch(r"frames=(\d+) faces=(\d+) fps=([\d.]+)", last)
+    assert match, last
+    assert int(match[1]) == 30 and 1 <= int(match[2]) <= 30 and float(match[3]) > 0
