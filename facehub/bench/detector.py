@@ -35,7 +35,7 @@ import numpy as np
 
 from .. import mqtt
 from ..config import BrokerConfig, Config, DetectorConfig, opencv_threads
-from ..detector import FaceFinder, FacePublisher
+from ..detector import FaceFinder, FacePublisher, search_in_background
 from ..runtime import Runtime, percentiles
 from . import baseline
 
@@ -263,7 +263,7 @@ def paced_facehub(frames: list[np.ndarray], cfg: DetectorConfig, port: int, rate
     runtime = Runtime("bench-paced")
     with on_cores(cores):
         cv2.setNumThreads(opencv_threads(cfg.threads))
-        finder = FaceFinder(cfg, "bench", background=cfg.search == "background")
+        finder = FaceFinder(cfg, "bench", background=search_in_background(cfg))
         publisher = FacePublisher(config, runtime, client_id=f"bench-paced-{name}-{cores}")
         publisher.start()
         publisher.state.connected.wait(10)

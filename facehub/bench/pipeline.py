@@ -237,25 +237,18 @@ def saver_throughput(workdir: Path, count: int = 1000, size: int = 10_000) -> di
             "rate": stored / elapsed}
 
 
-def _wait_counter(state_dir: Path, name: str, key: str, target: int, timeout: float) -> int:
+def _wait_counter(state_dir: Path, name: str, keys: str | tuple[str, ...], target: int, timeout: float) -> int:
+    """Poll ``name``'s stats until the counters ``keys`` add up to ``target``; returns the last sum."""
+    keys = (keys,) if isinstance(keys, str) else keys
     deadline = time.monotonic() + timeout
     value = 0
     while time.monotonic() < deadline:
-        value = read_stats(state_dir).get(name, {}).get("counters", {}).get(key, 0)
+        counters = read_stats(state_dir).get(name, {}).get("counters", {})
+        value = sum(counters.get(key, 0) for key in keys)
         if value >= target:
             break
         time.sleep(0.05)
     return value
-
-
-def _wait_frames(state_dir: Path, target: int, timeout: float) -> None:
-    """Until the detector has taken or skipped (when it fell behind the camera) ``target`` frames."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        counters = read_stats(state_dir).get("detector", {}).get("counters", {})
-        if counters.get("frames", 0) + counters.get("frames_skipped", 0) >= target:
-            return
-        time.sleep(0.05)
 
 
 def tree_rss(pid: int) -> int:
@@ -405,7 +398,8 @@ def facehub_row(name: str, clip: Clip, frames: int, endpoint: str, workdir: Path
         start("logger", "edge")
         started = time.perf_counter()
         detector = start("detector", "edge")
-        _wait_frames(workdir, frames, timeout)
+        # frames the detector took, or skipped as a camera drops the ones nobody took in time
+        _wait_counter(workdir, "detector", ("frames", "frames_skipped"), frames, timeout)
         stop_process(detector)  # its last faces still go out: it flushes its queue on SIGTERM
         published = counter(read_stats(workdir), "detector", "faces_published")
         _, finished = wait_stored(lambda: _facehub_stored(workdir), published, timeout)
