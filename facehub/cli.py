@@ -9,8 +9,9 @@ import signal
 import sys
 import threading
 
-from . import __version__
-from .config import ConfigError, load
+from facehub import __version__
+from facehub.config import ConfigError, load
+from facehub.process.logs import setup_logging
 
 COMPONENT_NAMES = ("detector", "forwarder", "logger", "saver")
 log = logging.getLogger("facehub")
@@ -51,10 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "bench":
-        from . import bench
+        from facehub.dev import bench
         return bench.main(args.bench_args, config_path=args.config)
     if args.command == "demo":
-        from . import demo
+        from facehub.dev import demo
         return demo.main(args.demo_args)
     try:
         config = load(args.config)
@@ -67,22 +68,23 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(config.to_dict(mask_secrets=True), indent=2, sort_keys=True))
         return 0
     if args.command == "health":
-        from . import health
+        from facehub.process import health
         return health.main(config, as_json=args.json)
     if args.command == "detect":
-        from . import detector
+        from facehub.edge import detector
         return detector.detect_command(config, args.images)
     if args.command == "run":
-        from . import supervisor
-        return supervisor.main(config, args.role, daemon=args.daemon, pidfile=args.pidfile,
-                               logfile=args.logfile)
+        from facehub import roles
+        from facehub.process import supervisor
+        return supervisor.main(config, args.role, roles.role_specs(config, args.role), daemon=args.daemon,
+                               pidfile=args.pidfile, logfile=args.logfile, summary_gauges=roles.SUMMARY_GAUGES)
     return run_foreground(config, args.command)
 
 
 def run_foreground(config, name: str) -> int:
     """Run one component in this process until SIGINT/SIGTERM."""
-    from .runtime import Runtime
-    from .supervisor import component_target
+    from facehub.roles import component_target
+    from facehub.runtime import Runtime
 
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -95,14 +97,6 @@ def run_foreground(config, name: str) -> int:
     finally:
         runtime.flush()
     return 0
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(processName)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 if __name__ == "__main__":

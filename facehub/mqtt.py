@@ -22,7 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from .config import BrokerConfig
+from facehub.config import BrokerConfig
 
 log = logging.getLogger(__name__)
 

@@ -59,21 +59,24 @@ class Runtime:
             self.samples.setdefault(key, deque(maxlen=SAMPLES_KEPT)).append(value)
 
     def beat(self) -> None:
-        """Say "still working" and flush counters at most once per interval."""
-        now = time.time()
+        """Say "still working" and flush counters at most once per interval.
+
+        The heartbeat is on the monotonic clock (system-wide on Linux, so the
+        supervisor can compare it with its own), never stepped by NTP.
+        """
+        now = time.monotonic()
         if self._heartbeat is not None:
             self._heartbeat.value = now
         if self._stats_path and now - self._last_flush >= self._flush_interval:
-            self.flush(now)
+            self.flush()
 
-    def flush(self, now: float | None = None) -> None:
+    def flush(self) -> None:
         """Write the counters to ``<state_dir>/<name>.stats.json`` atomically."""
         if not self._stats_path:
             return
-        now = now or time.time()
-        self._last_flush = now
+        self._last_flush = time.monotonic()
         with self._lock:
-            data = {"name": self.name, "pid": os.getpid(), "updated": now,
+            data = {"name": self.name, "pid": os.getpid(), "updated": time.time(),
                     "counters": dict(self.stats), "gauges": dict(self.gauges),
                     "percentiles": {key: percentiles(values) for key, values in self.samples.items()}}
         try:

@@ -24,7 +24,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 
-from facehub.daemonize import pid_alive
+from facehub.process.pids import pid_alive
 
 PREFIX = "fh-"
 _NAME = re.compile(rf"^{PREFIX}(edge|cloud|probe)-(\d+)-(\d+)$")

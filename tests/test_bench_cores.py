@@ -2,9 +2,9 @@
 
 import cv2
 
-from facehub.bench import cores
+from facehub.dev.bench import cores
 from facehub.config import DetectorConfig
-from facehub.detection import SAMPLE_CLIP
+from facehub.edge.detection import SAMPLE_CLIP
 
 
 def test_process_pool_finds_what_one_process_finds():

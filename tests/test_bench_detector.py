@@ -6,9 +6,9 @@ import subprocess
 import sys
 import time
 
-from facehub.bench import detector as bench
+from facehub.dev.bench import detector as bench
 from facehub.config import DetectorConfig
-from facehub.detection import SAMPLE_CLIP
+from facehub.edge.detection import SAMPLE_CLIP
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

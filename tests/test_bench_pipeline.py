@@ -10,8 +10,8 @@ from __future__ import annotations
 import cv2
 import pytest
 
-from facehub.bench import pipeline
-from facehub.detection import SAMPLE_CLIP
+from facehub.dev.bench import pipeline
+from facehub.edge.detection import SAMPLE_CLIP
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -61,7 +61,7 @@ def test_end_to_end_rows_count_what_was_stored(short_clip, tmp_path):
 
 
 def test_bridge_state_is_read_from_sys_topics(tmp_path):
-    from facehub.localbroker import LocalBroker, bridge_config
+    from facehub.dev.launchers import LocalBroker, bridge_config
 
     assert pipeline.bridge_name(bridge_config(1883)) == "bench-bridge"
     with LocalBroker(tmp_path / "cloud") as cloud, \

@@ -227,7 +227,7 @@ class Chaos:
 
     def start_edge(self) -> None:
         from facehub import config as facehub_config
-        from facehub import detector, forwarder
+        from facehub.edge import detector, forwarder
 
         ns = self.pair.edge
         self.edge_broker = self.server(Mosquitto(self.work / "edge-broker", host="127.0.0.1", netns=ns))

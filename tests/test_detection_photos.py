@@ -5,10 +5,10 @@ import pytest
 from conftest import YUNET_MODEL
 
 from facehub.config import DetectorConfig
-from facehub.detection import make_backend
-from facehub.bench import quality
-from facehub.bench.quality import labelled_photos
-from facehub.detection.crop import iou
+from facehub.edge.detection import make_backend
+from facehub.dev.bench import quality
+from facehub.dev.bench.quality import labelled_photos
+from facehub.edge.detection.crop import iou
 
 
 def score(backend, folder):
@@ -57,7 +57,7 @@ def test_yunet_recall(shared_faces):
 
 def test_detection_on_a_large_frame_is_mapped_back_to_full_resolution():
     """A frame wider than detect_width is searched shrunk; boxes come back in the frame's own pixels."""
-    from facehub.detection.source import SAMPLE_CLIP
+    from facehub.edge.detection.source import SAMPLE_CLIP
 
     capture = cv2.VideoCapture(str(SAMPLE_CLIP))
     capture.set(cv2.CAP_PROP_POS_FRAMES, 100)

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 
 from facehub.config import DetectorConfig
-from facehub.detection import make_backend
-from facehub.detection.base import Backend
-from facehub.detection.crop import clip_box, crop, encode_jpeg, expand_box, iou, overlap_of_smaller, scale_box
-from facehub.detection.haar import drop_nested
-from facehub.detection.source import SAMPLE_CLIP, parse_source
+from facehub.edge.detection import make_backend
+from facehub.edge.detection.base import Backend
+from facehub.edge.detection.crop import clip_box, crop, encode_jpeg, expand_box, iou, overlap_of_smaller, scale_box
+from facehub.edge.detection.haar import drop_nested
+from facehub.edge.detection.source import SAMPLE_CLIP, parse_source
 
 
 def test_expand_box_adds_margin_on_every_side():
@@ -107,7 +107,7 @@ def test_missing_cascade_is_a_clear_error():
 
 
 def test_gstreamer_pipeline_failure_names_the_cause():
-    from facehub.detection.source import SourceError, open_source
+    from facehub.edge.detection.source import SourceError, open_source
 
     with pytest.raises(SourceError, match="GStreamer pipeline 'videotestsrc ! appsink': OpenCV cannot open it"):
         open_source("videotestsrc ! appsink")

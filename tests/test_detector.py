@@ -14,9 +14,10 @@ import pytest
 from conftest import YUNET_MODEL
 from servers import MjpegCamera, Mosquitto, free_port, wait_for
 
-from facehub import detector, messages, mqtt
+from facehub.edge import detector
+from facehub import messages, mqtt
 from facehub.config import Config
-from facehub.detection.source import SAMPLE_CLIP
+from facehub.edge.detection.source import SAMPLE_CLIP
 from facehub.runtime import Runtime
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -172,7 +173,7 @@ def test_capture_goes_on_while_the_broker_is_down(tmp_path):
 def test_unopenable_source_is_retried_with_backoff(caplog):
     config = detector_config(free_port(), source="/nonexistent/clip.mp4", reopen_min=0.1, reopen_max=0.4)
     runtime = Runtime("detector")
-    with caplog.at_level(logging.WARNING, logger="facehub.detector"):
+    with caplog.at_level(logging.WARNING, logger="facehub.edge.detector"):
         thread = start_detector(config, runtime)
         try:
             wait_for(lambda: runtime.stats["source_errors"] >= 5, 20, message="repeated open failures")
@@ -297,7 +298,7 @@ def test_detect_command_prints_json_lines(shared_faces, tmp_path):
     assert [line["file"] for line in lines] == files
     assert lines[1]["error"] == "no such file" and lines[2]["error"] == "not an image OpenCV can read"
     assert lines[3]["faces"] == []
-    from facehub.detection.crop import iou
+    from facehub.edge.detection.crop import iou
 
     labelled = [(145, 79, 76, 76), (125, 214, 90, 91)]  # training.xml, 2008_001009.jpg
     found = lines[0]["faces"]

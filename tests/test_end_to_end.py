@@ -65,7 +65,7 @@ def stats_of(state_dir: Path) -> dict:
 
 
 def test_video_to_s3_every_face_stored_once(broker_factory, s3_server, s3_bucket, tmp_path):
-    from facehub.detector import SAMPLE_CLIP
+    from facehub.edge.detector import SAMPLE_CLIP
 
     edge = broker_factory("edge")
     cloud = broker_factory("cloud")

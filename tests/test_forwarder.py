@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from facehub import forwarder, messages, mqtt
+from facehub.edge import forwarder
+from facehub import messages, mqtt
 from facehub.config import BrokerConfig, Config
 from facehub.runtime import Runtime, read_stats
-from facehub.spool import Spool
+from facehub.edge.spool import Spool
 from servers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -11,7 +11,7 @@ from paho.mqtt.properties import Properties
 
 from facehub import messages
 from facehub.messages import MAX_CAPTURED_MS, Face, InvalidFace, parse
-from facehub.storage import face_key
+from facehub.cloud.storage import face_key
 
 MAX_BYTES = 4096
 JPEG_MAGIC = b"\xff\xd8\xff"

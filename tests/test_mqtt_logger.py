@@ -6,7 +6,7 @@ import threading
 
 from facehub import messages, mqtt
 from facehub.config import BrokerConfig, Config
-from facehub.logger import describe
+from facehub.edge.face_logger import describe
 from facehub.runtime import Runtime
 from servers import Mosquitto, free_port, wait_for
 
@@ -58,7 +58,7 @@ def test_logger_logs_each_face(broker, tmp_path):
     config.local.port = broker.port
     config.supervisor.state_dir = str(tmp_path)
     runtime = Runtime("logger", state_dir=tmp_path)
-    from facehub import logger
+    from facehub.edge import face_logger as logger
 
     thread = threading.Thread(target=logger.run, args=(config, runtime), daemon=True)
     thread.start()

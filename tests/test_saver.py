@@ -18,11 +18,11 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from facehub import saver
+from facehub.cloud import saver
 from facehub.config import BrokerConfig, Config, SaverConfig
 from facehub.messages import Face
 from facehub.runtime import Runtime
-from facehub.storage import FolderStore, face_key
+from facehub.cloud.storage import FolderStore, face_key
 from servers import list_objects, make_bucket, wait_for
 
 PREFIX = "run"
@@ -305,7 +305,7 @@ def test_bad_input_is_rejected_counted_and_quarantined_while_good_faces_are_stor
     probes = running.stats["rejected"]
     bad = bad_messages(photo)
     good = []
-    caplog.set_level(logging.WARNING, logger="facehub.saver")
+    caplog.set_level(logging.WARNING, logger="facehub.cloud.saver")
 
     for n, (label, topic, payload, props) in enumerate(bad):
         publisher.send(topic, payload, props)

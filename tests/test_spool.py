@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from facehub import messages
-from facehub.spool import Record, Spool, SpoolError, entry_size, pack_properties, unpack_properties
+from facehub.edge.spool import Record, Spool, SpoolError, entry_size, pack_properties, unpack_properties
 
 
 def face_record(n: int, size: int = 100) -> Record:

@@ -12,7 +12,7 @@ from paho.mqtt.properties import Properties
 
 from facehub.config import SaverConfig
 from facehub.messages import Face
-from facehub.storage import (FolderStore, S3Store, face_key, open_store, properties_record,
+from facehub.cloud.storage import (FolderStore, S3Store, face_key, open_store, properties_record
                              write_durably)
 from servers import list_objects
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from facehub import health
-from facehub.supervisor import EXIT_FATAL
+from facehub.process import health
+from facehub.process.supervisor import EXIT_FATAL
 from servers import wait_for
 
 TESTS = Path(__file__).parent
@@ -39,7 +40,8 @@ class SupervisorProcess:
             full_env.pop("NOTIFY_SOCKET", None)
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, str(TESTS / "supervised.py"), str(state_dir), *children, *(extra_args or [])],
+            [sys.executable, str(TESTS / "facehub_supervised.py"), "run", "test", str(state_dir), *children,
+             *(extra_args or [])],
             stdout=self.log, stderr=subprocess.STDOUT, env=full_env, cwd=ROOT, start_new_session=True)
 
     def status(self) -> dict:
@@ -188,19 +190,37 @@ def test_sd_notify_messages(start, tmp_path):
     sock.close()
 
 
-def test_daemon_starts_despite_stale_pidfile(start, tmp_path):
+def stale_pid(kind: str) -> tuple[int, subprocess.Popen]:
+    """A pid a pid file may hold that is no running supervisor: gone, a zombie, or reused."""
+    if kind == "unrelated":
+        proc = subprocess.Popen(["sleep", "60"])
+        return proc.pid, proc
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    if kind == "dead":
+        proc.wait()
+    else:  # exited but not reaped: kill(pid, 0) still succeeds on it
+        wait_for(lambda: Path(f"/proc/{proc.pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z",
+                 10, message="zombie")
+    return proc.pid, proc
+
+
+@pytest.mark.parametrize("kind", ["dead", "zombie", "unrelated"])
+def test_daemon_starts_despite_stale_pidfile(start, tmp_path, kind):
     pidfile = tmp_path / "facehub.pid"
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    pidfile.write_text(f"{dead.pid}\n")
+    old_pid, old = stale_pid(kind)
+    pidfile.write_text(f"{old_pid}\n")
     logfile = tmp_path / "daemon.log"
-    launcher = start("a=components:steady",
-                     extra_args=["--daemon", "--pidfile", str(pidfile), "--logfile", str(logfile)])
-    assert launcher.proc.wait(20) == 0  # the launching process returns once detached
-    daemon_pid = wait_for(lambda: pidfile.exists() and (pidfile.read_text().split() or [None])[0], 20,
-                          message="pid file rewritten")
-    daemon_pid = int(daemon_pid)
-    assert daemon_pid != dead.pid
+    try:
+        launcher = start("a=components:steady",
+                         extra_args=["--daemon", "--pidfile", str(pidfile), "--logfile", str(logfile)])
+        assert launcher.proc.wait(20) == 0  # the launching process returns once detached
+        daemon_pid = wait_for(lambda: pidfile.exists() and (pidfile.read_text().split() or [None])[0], 20,
+                              message="pid file rewritten")
+        daemon_pid = int(daemon_pid)
+        assert daemon_pid != old_pid
+    finally:
+        old.kill()
+        old.wait()
     try:
         wait_for(lambda: running(launcher, "a"), 20, message="daemon's child running")
         assert "removed stale pid file" in launcher.output()
@@ -208,6 +228,79 @@ def test_daemon_starts_despite_stale_pidfile(start, tmp_path):
         os.kill(daemon_pid, signal.SIGTERM)
     wait_for(lambda: not Path(f"/proc/{daemon_pid}").exists(), 20, message="daemon exited")
     assert not pidfile.exists()
+
+
+def test_running_daemon_refuses_a_second_start(start, tmp_path):
+    pidfile = tmp_path / "facehub.pid"
+    args = ["--daemon", "--pidfile", str(pidfile), "--logfile", str(tmp_path / "daemon.log")]
+    first = start("a=components:steady", extra_args=args)
+    assert first.proc.wait(20) == 0
+    daemon_pid = int(wait_for(lambda: pidfile.exists() and (pidfile.read_text().split() or [None])[0], 20,
+                              message="pid file written"))
+    try:
+        wait_for(lambda: running(first, "a"), 20, message="daemon's child running")
+        second = start("a=components:steady", extra_args=args)
+        assert second.proc.wait(20) == 1
+        assert "already running" in second.output()
+    finally:
+        os.kill(daemon_pid, signal.SIGTERM)
+    wait_for(lambda: not Path(f"/proc/{daemon_pid}").exists(), 20, message="daemon exited")
+
+
+def child_pids(parent: int) -> set[int]:
+    """Live child processes of ``parent``, straight from /proc (no status file delay)."""
+    pids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if int(fields[1]) == parent and fields[0] != "Z":
+            pids.add(int(stat.parent.name))
+    return pids
+
+
+def test_frozen_child_holds_up_nothing(start):
+    """One child frozen (SIGSTOP) while another is killed: the killed one is restarted at once,
+    the status file stays fresh throughout, and the frozen one is killed and replaced."""
+    backoff_min, interval = 0.5, 0.5
+    sup = start("frozen=components:steady", "victim=components:steady",
+                env={"FACEHUB_SUPERVISOR_BACKOFF_MIN": str(backoff_min), "FACEHUB_SUPERVISOR_BACKOFF_MAX": "1",
+                     "FACEHUB_SUPERVISOR_STATUS_INTERVAL": str(interval),
+                     "FACEHUB_SUPERVISOR_HEARTBEAT_TIMEOUT": "2"})
+    frozen = wait_for(lambda: running(sup, "frozen"), 20, message="frozen running")
+    victim = wait_for(lambda: running(sup, "victim"), 20, message="victim running")
+    status_path = sup.state_dir / "supervisor-test.json"
+    oldest = 0.0
+
+    def status_age() -> float:
+        nonlocal oldest
+        oldest = max(oldest, time.time() - status_path.stat().st_mtime)
+        return oldest
+
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        # the supervisor notices the silent heartbeat and starts stopping the frozen child
+        wait_for(lambda: status_age() is not None and sup.child("frozen").get("state") != "RUNNING", 20,
+                 interval=0.05, message="frozen child noticed")
+        before = child_pids(sup.proc.pid)
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        new_pid = wait_for(lambda: status_age() is not None and (child_pids(sup.proc.pid) - before), 20,
+                           interval=0.02, message="victim restarted")
+        restart_delay = time.monotonic() - killed_at
+        wait_for(lambda: sup.child("victim").get("pid") in new_pid, 10, message="new pid is the victim's")
+        replaced = wait_for(lambda: status_age() is not None and (running(sup, "frozen") or frozen) != frozen
+                            and running(sup, "frozen"), 20, interval=0.05, message="frozen child replaced")
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # normally gone: killed while frozen
+            os.kill(frozen, signal.SIGCONT)
+    print(f"victim restarted {restart_delay:.2f}s after SIGKILL; oldest status {oldest:.2f}s")
+    assert restart_delay <= backoff_min + 1
+    assert oldest <= 2 * interval
+    assert replaced != frozen
+    assert not Path(f"/proc/{frozen}").exists() or "Z" in Path(f"/proc/{frozen}/stat").read_text()
+    assert sup.stop() == 0
 
 
 def test_sigterm_to_the_whole_process_group_stops_cleanly(start):

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from facehub.detection.tracker import Tracker
+from facehub.edge.detection.tracker import Tracker
 
 A = (100, 100, 50, 50)
 A_MOVED = (105, 102, 50, 50)

@@ -264,7 +264,7 @@ check "the savers are healthy (facehub health in the container)" \
 # 4. The edge: the role renders the manifests, podman plays them.
 t0=$(date +%s)
 clip=$(podman run --rm --no-healthcheck --entrypoint python3 "$image" -c \
-    'from facehub.detector import SAMPLE_CLIP; print(SAMPLE_CLIP)' 2>/dev/null || true)
+    'from facehub.edge.detection.source import SAMPLE_CLIP; print(SAMPLE_CLIP)' 2>/dev/null || true)
 if [ -n "$clip" ]; then
     say "edge source: the sample clip in the image ($clip)"
     extra_vars=(-e "{\"facehub_edge_detector_source\": \"$clip\", \"facehub_edge_extra_env\": {\"FACEHUB_DETECTOR_LOOP\": \"true\"}}")

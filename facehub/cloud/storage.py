@@ -1,0 +1,301 @@
+"""Where the saver puts faces: an fsspec URL, S3 or a folder.
+
+Layout under the URL's prefix (all times UTC)::
+
+    <device>/<YYYY>/<MM>/<DD>/<HHMMSS.mmm>-<face id>.<ext>     the face (JPEG by default)
+    <device>/<YYYY>/<MM>/<DD>/<HHMMSS.mmm>-<face id>.json      sidecar metadata (folders only)
+    <quarantine>/<YYYY>/<MM>/<DD>/<sha256>.bin                 a rejected message's payload
+    <quarantine>/<YYYY>/<MM>/<DD>/<sha256>.json                why it was rejected, topic, properties
+
+A face's key derives only from the face (device, capture time, face id), so a
+redelivered message maps to the same key and is not written twice: storage is
+idempotent, which turns at-least-once delivery into one object per face.
+Quarantine keys are the hash of the message, so a redelivered bad message is
+kept once too.
+
+- ``s3://bucket/prefix`` (s3fs): the metadata travels as S3 object metadata
+  (``x-amz-meta-*``); writes are conditional (``If-None-Match: *``) so even two
+  savers racing on one face leave one object. Stores that do not implement
+  conditional writes fall back to a HEAD before each write.
+- a folder (plain path or ``file://``, e.g. an s3fs-fuse mount): a sidecar
+  ``.json`` beside each face, written first; every file is written to a hidden
+  temporary name, fsynced and renamed, so readers never see half a file and a
+  write has reached the disk before the saver acknowledges the message.
+- any other fsspec URL (``gcs://``, ``memory://``...): sidecar JSON, written
+  through fsspec; durability is whatever that backend gives.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import fsspec
+
+from facehub.config import SaverConfig
+from facehub.messages import Face
+
+log = logging.getLogger(__name__)
+
+QUARANTINE_MAX_USER_PROPERTIES = 100
+QUARANTINE_MAX_TEXT = 1024
+
+
+def _utc(ms: int) -> tuple[datetime, int]:
+    seconds, millis = divmod(ms, 1000)
+    return datetime.fromtimestamp(seconds, tz=timezone.utc), millis
+
+
+def face_stem(face: Face) -> str:
+    """The face's key without extension, relative to the store's prefix."""
+    when, millis = _utc(face.captured_ms)
+    return f"{face.device_id}/{when:%Y/%m/%d}/{when:%H%M%S}.{millis:03d}-{face.face_id}"
+
+
+def face_key(face: Face) -> str:
+    """``<device>/<YYYY>/<MM>/<DD>/<HHMMSS.mmm>-<face id>.<ext>``, from the face alone."""
+    return f"{face_stem(face)}.{face.extension}"
+
+
+def quarantine_stem(quarantine_prefix: str, topic: str, payload: bytes, record: dict[str, Any],
+                    received_ms: int) -> str:
+    """``<quarantine>/<YYYY>/<MM>/<DD>/<sha256 of the message>`` (same message, same key)."""
+    digest = hashlib.sha256()
+    for part in (topic.encode("utf-8", "replace"), payload,
+                 json.dumps(record, sort_keys=True).encode()):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+    when, _ = _utc(received_ms)
+    return f"{quarantine_prefix.strip('/')}/{when:%Y/%m/%d}/{digest.hexdigest()}"
+
+
+def properties_record(props: Any) -> dict[str, Any]:
+    """MQTT v5 properties as bounded, JSON-safe data for a quarantine record.
+
+    A hostile message may carry thousands of user properties or huge values;
+    the record keeps the first few, truncated, and says how many there were.
+    """
+    if props is None:
+        return {}
+    try:
+        raw = props.json() if hasattr(props, "json") else dict(props)
+    except Exception as error:  # a foreign object we cannot read; note it, keep going
+        return {"unreadable": f"{type(error).__name__}: {error}"[:QUARANTINE_MAX_TEXT]}
+    record: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name == "UserProperty":
+            pairs = list(value or [])
+            record["UserProperty"] = [[_text(p) for p in pair][:2] if isinstance(pair, (list, tuple))
+                                      else [_text(pair)] for pair in pairs[:QUARANTINE_MAX_USER_PROPERTIES]]
+            record["UserPropertyCount"] = len(pairs)
+        elif isinstance(value, (int, float, bool)) or value is None:
+            record[name] = value
+        elif isinstance(value, (list, tuple)):
+            record[name] = [v if isinstance(v, (int, float)) else _text(v) for v in value[:100]]
+        else:
+            record[name] = _text(value)
+    return record
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).hex()
+    text = str(value)
+    return text if len(text) <= QUARANTINE_MAX_TEXT else text[:QUARANTINE_MAX_TEXT] + "...(truncated)"
+
+
+class Store:
+    """Common shape of a store: ``put_face`` and ``put_quarantine``.
+
+    Both return True when they wrote something and False when the key was
+    already there (a redelivery). Any exception means "not stored": the saver
+    retries and does not acknowledge the message meanwhile.
+    """
+
+    def __init__(self, url: str, quarantine_prefix: str):
+        self.url = url
+        self.quarantine_prefix = quarantine_prefix
+
+    def put_face(self, face: Face) -> bool:
+        stem = face_stem(face)
+        return self._put(stem, face.extension, face.image, face.content_type, face.metadata())
+
+    def put_quarantine(self, topic: str, payload: bytes, reason: str, props: Any,
+                       received_ms: int | None = None) -> bool:
+        received_ms = int(time.time() * 1000) if received_ms is None else received_ms
+        properties = properties_record(props)
+        stem = quarantine_stem(self.quarantine_prefix, topic, payload, properties, received_ms)
+        record = {"reason": reason, "topic": topic, "size": len(payload), "received-ms": received_ms,
+                  "received": _utc(received_ms)[0].isoformat().replace("+00:00", "Z"),
+                  "properties": properties}
+        return self._put_with_record(stem, "bin", payload, "application/octet-stream", record)
+
+    def _put(self, stem: str, ext: str, data: bytes, content_type: str, metadata: dict[str, str]) -> bool:
+        """Store a face; by default as data plus a sidecar JSON of its metadata."""
+        return self._put_with_record(stem, ext, data, content_type,
+                                     dict(metadata, **{"content-type": content_type}))
+
+    def _put_with_record(self, stem: str, ext: str, data: bytes, content_type: str,
+                         record: dict[str, Any]) -> bool:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return self.url
+
+
+class FolderStore(Store):
+    """A local folder (or a FUSE mount such as s3fs-fuse), written durably."""
+
+    def __init__(self, root: str | os.PathLike, quarantine_prefix: str):
+        super().__init__(str(root), quarantine_prefix)
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _put_with_record(self, stem, ext, data, content_type, record) -> bool:
+        target = self.root / f"{stem}.{ext}"
+        if target.exists():
+            return False
+        # The sidecar first: the data file's presence is what marks the face stored.
+        write_durably(self.root / f"{stem}.json", _json_bytes(record))
+        write_durably(target, data)
+        return True
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Write ``path`` so it is either absent or complete, and on disk when this returns."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable; some FUSE filesystems cannot fsync a folder."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.ENOSYS):
+            raise
+    finally:
+        os.close(fd)
+
+
+class FsspecStore(Store):
+    """Any other fsspec filesystem: data plus sidecar JSON, through fsspec."""
+
+    def __init__(self, url: str, quarantine_prefix: str, fs: Any = None, root: str | None = None):
+        super().__init__(url, quarantine_prefix)
+        if fs is None:
+            fs, root = fsspec.core.url_to_fs(url)
+        self.fs = fs
+        self.root = (root or "").rstrip("/")
+
+    def _path(self, relative: str) -> str:
+        return f"{self.root}/{relative}" if self.root else relative
+
+    def _exists(self, path: str) -> bool:
+        try:
+            self.fs.info(path)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def _put_with_record(self, stem, ext, data, content_type, record) -> bool:
+        target = self._path(f"{stem}.{ext}")
+        if self._exists(target):
+            return False
+        self.fs.pipe_file(self._path(f"{stem}.json"), _json_bytes(record))
+        self.fs.pipe_file(target, data)
+        return True
+
+
+class S3Store(FsspecStore):
+    """S3 or an S3-compatible store through s3fs, metadata as object metadata."""
+
+    def __init__(self, config: SaverConfig):
+        import s3fs
+
+        options: dict[str, Any] = {
+            "skip_instance_cache": True,
+            "config_kwargs": {"connect_timeout": min(config.timeout, 10.0), "read_timeout": config.timeout,
+                              "retries": {"max_attempts": 2, "mode": "standard"}},
+        }
+        if config.endpoint_url:
+            options["endpoint_url"] = config.endpoint_url
+        if config.key or config.secret:
+            options["key"], options["secret"] = config.key or None, config.secret or None
+        if config.region:
+            options["client_kwargs"] = {"region_name": config.region}
+        fs = s3fs.S3FileSystem(**options)
+        # s3fs retries some errors itself with sleeps; the saver has its own
+        # backoff, logging and counters, so keep s3fs's short.
+        fs.retries = 2
+        root = config.url.split("://", 1)[1].strip("/")
+        super().__init__(config.url, config.quarantine_prefix, fs=fs, root=root)
+        self.conditional = True
+
+    def _put(self, stem, ext, data, content_type, metadata) -> bool:
+        return self._write(self._path(f"{stem}.{ext}"), data, content_type, metadata)
+
+    def _put_with_record(self, stem, ext, data, content_type, record) -> bool:
+        target = self._path(f"{stem}.{ext}")
+        if self._exists(target):
+            return False
+        self._write(self._path(f"{stem}.json"), _json_bytes(record), "application/json", {})
+        return self._write(target, data, content_type, {})
+
+    def _write(self, path: str, data: bytes, content_type: str, metadata: dict[str, str]) -> bool:
+        """One PUT, exclusive when the store supports it; False if the key exists."""
+        extra = {"ContentType": content_type, "Metadata": metadata}
+        if self.conditional:
+            try:
+                self.fs.pipe_file(path, data, mode="create", **extra)
+                return True
+            except FileExistsError:
+                return False
+            except OSError as error:
+                if error.errno != errno.ENOSYS:
+                    raise
+                log.warning("%s does not support conditional writes (%s); checking for existing "
+                            "keys before writing instead", self.describe(), error)
+                self.conditional = False
+        if self._exists(path):
+            return False
+        self.fs.pipe_file(path, data, **extra)
+        return True
+
+
+def _json_bytes(record: dict[str, Any]) -> bytes:
+    return (json.dumps(record, sort_keys=True, ensure_ascii=True, indent=1) + "\n").encode()
+
+
+def open_store(config: SaverConfig) -> Store:
+    """The store named by ``config.url``: S3, a folder, or any other fsspec URL."""
+    url = config.url
+    protocol = url.split("://", 1)[0].lower() if "://" in url else "file"
+    if protocol in ("s3", "s3a"):
+        return S3Store(config)
+    if protocol in ("file", "local"):
+        path = url.split("://", 1)[1] if "://" in url else url
+        return FolderStore(path, config.quarantine_prefix)
+    return FsspecStore(url, config.quarantine_prefix)

@@ -1,0 +1,216 @@
+"""``facehub bench``: speed and quality figures, printed as Markdown tables.
+
+    facehub bench                      everything below, on the built-in clip
+    facehub bench detector [--source PATH] [--threads N] [--rate FPS]
+    facehub bench quality  [--faces DIR] [--model YUNET.onnx]
+    facehub bench pipeline [--source PATH] [--loops N]
+
+Every figure is measured in the run that prints it, with the typical
+implementation (``bench/baseline.py``) measured beside FaceHub on the same
+input. ``bench detector`` measures throughput (frames fed flat out) and
+latency at a camera's rate (``--rate``), and ends with ``frames=N faces=N
+fps=X`` for FaceHub on the given source.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from pathlib import Path
+
+from facehub.config import ConfigError, load
+
+CROWD_PHOTO = "2007_007763.jpg"  # seven faces: the busy scene of the detector benchmark
+CORES_FRAMES = 40  # full searches per way of using the cores
+LATENCY_FRAMES = 300  # 10 s at 30 fps per latency row
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="facehub bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", nargs="?", default="all", choices=("all", "detector", "quality", "pipeline"))
+    parser.add_argument("--source", help="video file, camera index or URL (default: the built-in clip)")
+    parser.add_argument("--threads", type=int, action="append",
+                        help="OpenCV threads (repeatable; default: 1 and 2, or the one given)")
+    parser.add_argument("--frames", type=int, default=0, help="read at most this many frames (0 = all)")
+    parser.add_argument("--faces", type=Path, default=SHARED / "faces",
+                        help="folder with training.xml and photos for precision/recall")
+    parser.add_argument("--model", type=Path, default=SHARED / "models" / "face_detection_yunet.onnx",
+                        help="YuNet ONNX model for the quality table")
+    parser.add_argument("--no-publish", action="store_true", help="time detection without a broker")
+    parser.add_argument("--loops", type=int,
+                        help="times bench pipeline plays the clip (default: about 30 s of video)")
+    parser.add_argument("--rate", type=float, default=30.0,
+                        help="camera rate (frames/s) for the latency table (0 = skip it)")
+    return parser
+
+
+def main(argv: list[str] | None = None, config_path: str | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load(config_path)
+    except ConfigError as error:
+        print(f"facehub bench: invalid configuration: {error}")
+        return 2
+    from facehub.edge.detection import SAMPLE_CLIP
+
+    source = args.source or str(SAMPLE_CLIP)
+    if args.what in ("all", "quality"):
+        bench_quality(config, args)
+    if args.what in ("all", "pipeline"):
+        bench_pipeline(source, args.loops)
+    if args.what in ("all", "detector"):
+        if not args.source:
+            bench_crowd(config, args)
+        return bench_detector(config, args, source, given=bool(args.source),
+                              threads=args.threads or ([1] if args.source else [1, 2]))
+    return 0
+
+
+def bench_crowd(config, args) -> None:
+    """The detector on a busy scene too: a clip panning over the labelled group photo, when it is there."""
+    from facehub.dev.bench import detector as bench
+
+    photo = args.faces / CROWD_PHOTO
+    if not photo.is_file():
+        print(f"\n(no {photo}: crowd clip skipped)")
+        return
+    with tempfile.TemporaryDirectory(prefix="facehub-crowd-") as work:
+        clip = bench.crowd_clip(photo, Path(work) / "crowd.mp4")
+        bench_detector(config, args, str(clip), given=True, threads=args.threads or [1, 2],
+                       label=f"crowd clip panning over {photo}")
+
+
+def bench_detector(config, args, source: str, given: bool, threads: list[int], label: str = "") -> int:
+    """Throughput and latency tables for ``source``: at its own size when ``given``, else 640x480 and 1280x720."""
+    from facehub.dev.launchers import LocalBroker
+    from facehub.dev.bench import detector as bench
+
+    frames, capture_s = bench.read_frames(source, args.frames)
+    fps = 15.0
+    native = frames[0].shape[1::-1]
+    resolutions = [tuple(native)] if given else [(640, 480), (1280, 720)]
+    runs, latency = [], []
+    with tempfile.TemporaryDirectory(prefix="facehub-bench-") as work:
+        broker = None if args.no_publish else LocalBroker(Path(work) / "broker").start()
+        publisher = bench.Publisher(broker.port) if broker else None
+        try:
+            for width, height in resolutions:
+                sized = bench.at_resolution(frames, width, height, minimum=0 if given else 300)
+                for count in threads:
+                    config.detector.threads = count
+                    with bench.on_cores(1 if count == 1 else 0):
+                        runs.append(bench.run_baseline(sized, count, publisher, capture_s))
+                        runs.append(bench.run_facehub(sized, config.detector, publisher, fps, capture_s))
+            if publisher and args.rate > 0:
+                paced = bench.at_resolution(frames, *resolutions[0], minimum=0 if given else 300)[:LATENCY_FRAMES]
+                latency = bench.latency_runs(paced, config.detector, broker.port, publisher, args.rate, threads)
+        finally:
+            if publisher:
+                publisher.close()
+            if broker:
+                broker.stop()
+    print(f"\n## Detector speed ({label or source}, {os.cpu_count()} cores)\n")
+    print(bench.table(runs))
+    if latency:
+        width, height = resolutions[0]
+        print(f"\n## Detector latency at camera rate ({width}x{height}, {args.rate:g} fps, "
+              f"local broker, QoS 1 acknowledged; typical: QoS 0 handed to the client)\n")
+        print(bench.latency_table(latency, args.rate))
+    cores = max(threads)
+    if cores > 1 and len(os.sched_getaffinity(0)) >= cores:
+        from facehub.dev.bench import cores as two_cores
+
+        width, height = resolutions[0]
+        sample = bench.at_resolution(frames, width, height, minimum=0)[:CORES_FRAMES]
+        print(f"\n## {cores} cores for the full search ({width}x{height}, {len(sample)} frames)\n")
+        print(two_cores.table(two_cores.compare(sample, config.detector, cores)))
+    for width, height in resolutions:
+        for count in threads:
+            ours = next(r for r in runs if r.name == "facehub" and (r.width, r.height, r.threads) == (width, height, count))
+            typical = next(r for r in runs if r.name == "typical" and (r.width, r.height, r.threads) == (width, height, count))
+            print(f"speed-up {width}x{height} threads={count}: {ours.fps / typical.fps:.1f}x "
+                  f"({ours.fps:.1f} vs {typical.fps:.1f} fps); faces sent per frame "
+                  f"{ours.sent / ours.frames:.2f} vs {typical.sent / typical.frames:.2f}")
+    typical = next(r for r in runs if r.name == "typical")
+    print(f"typical frames={typical.frames} faces={typical.sent} fps={typical.fps:.1f}")
+    final = next(r for r in runs if r.name == "facehub")
+    print(f"frames={final.frames} faces={final.sent} fps={final.fps:.1f}")
+    return 0
+
+
+def bench_quality(config, args) -> None:
+    from facehub.config import DetectorConfig
+    from facehub.edge.detection import make_backend
+    from facehub.dev.bench import baseline, quality
+
+    if not (args.faces / "training.xml").is_file():
+        print(f"\n(no labelled photos at {args.faces}: quality table skipped; pass --faces DIR)")
+        return
+    rows = [("typical: Haar detectMultiScale(gray, 1.3, 5)", baseline.TypicalDetector().detect),
+            (f"facehub: {config.detector.backend} (configured defaults)", make_backend(config.detector).detect)]
+    if args.model.is_file():
+        rows.append(("facehub: yunet", make_backend(DetectorConfig(backend="yunet",
+                                                                  model_path=str(args.model))).detect))
+    print(f"\n## Detection quality ({args.faces}, match at IoU >= {quality.MATCH_IOU})\n")
+    print("| detector | labelled | found | false | recall | precision |\n|---|---|---|---|---|---|")
+    for name, detect in rows:
+        s = quality.score(detect, args.faces)
+        print(f"| {name} | {s.labelled} | {s.hits} | {s.false} | {s.recall:.2f} | {s.precision:.2f} |")
+    dogs = args.faces / "dogs.jpg"
+    if dogs.is_file():
+        import cv2
+
+        image = cv2.imread(str(dogs))
+        print("\nfalse faces on dogs.jpg: " + ", ".join(f"{short_name(name)} {len(detect(image))}"
+                                                         for name, detect in rows))
+
+
+def short_name(row: str) -> str:
+    """'facehub: yunet' -> 'yunet', 'typical: Haar ...' -> 'typical'."""
+    kind, _, detail = row.partition(": ")
+    return kind if kind == "typical" else detail.split(" ")[0]
+
+
+def bench_pipeline(source: str, loops: int | None = None) -> None:
+    from facehub.dev.bench import pipeline
+
+    with tempfile.TemporaryDirectory(prefix="facehub-bench-") as work:
+        work = Path(work)
+        relays = [pipeline.relay_throughput(kind, work) for kind in ("bridge", "forwarder")]
+        saver = pipeline.saver_throughput(work)
+        e2e = pipeline.end_to_end(source, work, loops)
+    print("\n## Relay and storage throughput (10 KB faces, QoS 1, loopback brokers)\n")
+    print("| hop | messages | seconds | messages/s |\n|---|---|---|---|")
+    names = {"bridge": "mosquitto bridge (typical)", "forwarder": "facehub forwarder (durable spool)",
+             "saver": "facehub saver into moto S3"}
+    for row in relays + [saver]:
+        print(f"| {names[row['kind']]} | {row['messages']} | {row['seconds']:.1f} | {row['rate']:.0f} |")
+    print_end_to_end(e2e)
+
+
+def print_end_to_end(e2e: dict) -> None:
+    """One Markdown table: FaceHub (defaults, every detection) and the typical pipeline, same clip and pacing."""
+    clip = e2e["clip"]
+    print(f"\n## End to end ({clip.source}: {clip.frames} frames at {clip.fps:g} fps like a camera, "
+          f"played {e2e['loops']}x; two brokers; moto S3)\n")
+    print("| pipeline | frames | faces published | faces stored | lost | seconds | faces/s "
+          "| capture->published ms p50/p95/p99 | capture->stored ms p50/p95/p99 (n) "
+          "| peak RSS edge | peak RSS cloud |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    for row in e2e["rows"]:
+        publish = _pcts(row["publish_latency_ms"]) if row["publish_latency_ms"] is not None else "n/a"
+        print(f"| {row['name']} | {row['frames']} | {row['published']} | {row['stored']} | {row['lost']} | "
+              f"{row['seconds']:.1f} | {row['faces_per_s']:.1f} | {publish} | "
+              f"{_pcts(row['latency_ms'], samples=True)} | {row['peak_rss_edge'] / 2**20:.0f} MiB | "
+              f"{row['peak_rss_cloud'] / 2**20:.0f} MiB |")
+    print("\nPeak RSS per side: its mosquitto plus its components' process trees (the typical relay is "
+          "mosquitto's bridge); FaceHub's components run without the supervisor here.")
+
+
+def _pcts(values: dict, samples: bool = False) -> str:
+    if not values.get("count"):
+        return "n/a"
+    text = f"{values['p50']:.0f}/{values['p95']:.0f}/{values['p99']:.0f}"
+    return f"{text} ({values['count']})" if samples else text

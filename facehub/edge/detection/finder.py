@@ -1,0 +1,184 @@
+"""The detect and crop + encode stages: frames in, faces worth sending out.
+
+:class:`FaceFinder` runs the backend's full search (inline, or on a
+:class:`BackgroundSearch` thread), follows tracked faces on every other frame,
+links detections into tracks, applies duplicate suppression and JPEG-encodes
+the crops to send, cut from the full-resolution colour frame with a margin.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from facehub.config import DetectorConfig
+from facehub.messages import Face
+from facehub.edge.detection import make_backend
+from facehub.edge.detection.base import Detection
+from facehub.edge.detection.crop import crop, encode_jpeg, same_face
+from facehub.edge.detection.source import parse_source
+from facehub.edge.detection.tracker import Tracker
+
+log = logging.getLogger(__name__)
+
+SEARCH_NICE = 10  # the background search yields the CPU to the per-frame work
+
+
+@dataclass
+class Sighting:
+    """What is kept of a detection that may be sent: its crop and where it came from."""
+
+    crop: np.ndarray
+    box: tuple[int, int, int, int]
+    score: float | None
+    frame: int
+    captured_ms: int
+
+
+class FaceFinder:
+    """Frames in, faces worth sending out: detection, tracking, duplicate suppression, crops.
+
+    The full search is the expensive part (tens of milliseconds a frame), and
+    it can run in two places:
+
+    * *inline*: on every ``detect_every``-th frame itself, which then waits for
+      it: the same faces however fast frames come, the right thing for a file
+      read as fast as possible;
+    * *background*: on a thread of its own (OpenCV releases the GIL, so it runs
+      on another core when there is one) while every frame only follows the
+      tracked faces. When a search ends, the faces it found that are not
+      tracked yet are looked for again, near where they were, in the frame at
+      hand: their first crop comes from the newest frame, not from one a search
+      old, and no frame waits for a search. A face the quick re-find misses is
+      used at the position the search found.
+    """
+
+    def __init__(self, cfg: DetectorConfig, device_id: str, background: bool = False):
+        self.cfg = cfg
+        self.device_id = device_id
+        self.backend = make_backend(cfg)
+        self.tracker = Tracker(cfg.track_iou, cfg.dedup_interval, cfg.track_timeout, cfg.dedup_policy)
+        self._until_detect = 0
+        self.search_ms: list[float] = []  # how long each full search took, until the caller takes them
+        # OpenCV's detectors keep per-image state: the search thread gets a backend of its own
+        self.searcher = BackgroundSearch(make_backend(cfg), self.search_ms) if background else None
+
+    @property
+    def background(self) -> bool:
+        return self.searcher is not None
+
+    def locate(self, frame: np.ndarray) -> list[Detection]:
+        """The detect stage: the faces in ``frame``, from a full search or by following the tracks."""
+        if self.searcher is not None:
+            return self._locate_with_background_search(frame)
+        if self._until_detect <= 0:
+            self._until_detect = self.cfg.detect_every - 1
+            return timed_search(self.backend, frame, self.search_ms)
+        self._until_detect -= 1
+        boxes = self.tracker.boxes()
+        return self.backend.follow(frame, boxes) if boxes else []
+
+    def _locate_with_background_search(self, frame: np.ndarray) -> list[Detection]:
+        tracked = self.tracker.boxes()
+        found = [d for d in self.searcher.take() if not any(same_face(d, box) for box in tracked)]
+        self._until_detect -= 1
+        if self._until_detect <= 0 and self.searcher.submit(frame):
+            self._until_detect = self.cfg.detect_every
+        boxes = tracked + [d.box for d in found]
+        located = self.backend.follow(frame, boxes) if boxes else []
+        missed = [d for d in found if not any(same_face(d, hit) for hit in located)]
+        return located + missed
+
+    def select(self, detections: Sequence[Detection], frame: np.ndarray, number: int, captured_ms: int,
+               clock: float) -> tuple[list[Face], int]:
+        """The crop + encode stage: track, suppress duplicates, encode what is due.
+
+        Returns the faces to publish and how many sightings were suppressed.
+        """
+        def keep(detection: Detection) -> Sighting:
+            return Sighting(crop(frame, detection, self.cfg.margin).copy(), detection.box, detection.score,
+                            number, captured_ms)
+
+        step = self.tracker.update(detections, clock, keep)
+        return [self.encode(track, sighting) for track, sighting in step.send], step.suppressed
+
+    def encode(self, track: int, sighting: Sighting) -> Face:
+        """A sighting as a :class:`Face` message value with a JPEG payload."""
+        return Face(image=encode_jpeg(sighting.crop, self.cfg.jpeg_quality), device_id=self.device_id,
+                    captured_ms=sighting.captured_ms, frame=sighting.frame, box=sighting.box,
+                    score=sighting.score, track=track)
+
+    def close(self) -> int:
+        """End all tracks and the search thread; returns the held sightings never sent (count them suppressed)."""
+        if self.searcher is not None:
+            self.searcher.close()
+        return self.tracker.close()
+
+
+class BackgroundSearch:
+    """One full search at a time on a worker thread: submit a frame, take the faces when it is done.
+
+    The worker runs at a lower scheduling priority (:data:`SEARCH_NICE`): on a
+    single core it then yields to the per-frame work, so a long search on a busy
+    scene delays new faces a little instead of delaying every frame.
+    """
+
+    def __init__(self, backend, durations: list[float]):
+        self.backend = backend
+        self.durations = durations
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="facehub-search",
+                                        initializer=lower_priority)
+        self._running: Future | None = None
+
+    def submit(self, frame: np.ndarray) -> bool:
+        """Start searching ``frame`` unless a search is still running; True when started."""
+        if self._running is not None:
+            return False
+        self._running = self._pool.submit(timed_search, self.backend, frame, self.durations)
+        return True
+
+    def take(self) -> list[Detection]:
+        """The faces of the last search if it has ended (once), else nothing; re-raises its error."""
+        if self._running is None or not self._running.done():
+            return []
+        found, self._running = self._running.result(), None
+        return found
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the running search (if any) has ended: lets a test step frames deterministically."""
+        if self._running is not None:
+            self._running.exception(timeout)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._running = None
+
+
+def timed_search(backend, frame: np.ndarray, durations: list[float]) -> list[Detection]:
+    """``backend.detect(frame)``, noting how long it took (list.append is atomic across threads)."""
+    started = time.perf_counter()
+    found = backend.detect(frame)
+    durations.append((time.perf_counter() - started) * 1000)
+    return found
+
+
+def lower_priority() -> None:
+    """Make the calling thread nicer (Linux schedules threads one by one); harmless where unsupported."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SEARCH_NICE)
+    except (AttributeError, OSError) as error:
+        log.debug("detector: cannot lower the search thread's priority: %s", error)
+
+
+def search_in_background(cfg: DetectorConfig) -> bool:
+    """``detector.search``: "auto" searches in the background unless frames come from a file read flat out."""
+    if cfg.search != "auto":
+        return cfg.search == "background"
+    return not (parse_source(cfg.source).ends and cfg.fps <= 0)

@@ -1,0 +1,121 @@
+"""Haar cascade backend (the default: OpenCV ships the cascades, nothing to download).
+
+One cascade alone is a poor judge on real photos: tuned to find small,
+slightly turned faces it also fires on hands, fur and patterned cloth, and
+tuned to fire only on faces it misses a third of them. So detection is two
+steps, both with cascades bundled in ``cv2.data.haarcascades``:
+
+1. *Proposals*: ``cascade`` (``haarcascade_frontalface_default``) with a fine
+   scale step and few required neighbours finds nearly every face, plus some
+   clutter. Boxes nested in a stronger box are dropped (one face, one box).
+2. *Verification*: each proposal is searched again by ``verify_cascade``
+   (``haarcascade_frontalface_alt``, trained separately, so its mistakes are
+   different), in a small window around the box, resampled to fixed face
+   sizes, contrast-equalised, at a fine scale step. The proposal is kept when
+   the verifier fires at least ``verify_hits`` times on the same box. This
+   costs a few small searches per proposal, not another pass over the frame.
+
+``verify_hits = 0`` (or an empty ``verify_cascade``) turns verification off:
+then ``min_neighbors`` alone decides, as in plain ``detectMultiScale``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from facehub.config import DetectorConfig
+from facehub.edge.detection.base import Backend, grey, resize
+from facehub.edge.detection.crop import expand_box, iou, same_face
+
+VERIFY_SIZES = (36, 44, 52, 60)  # face widths (px) the verifier looks at each proposal with
+VERIFY_MARGIN = 0.2  # context around the proposal for the verifier's search window
+VERIFY_SCALE_FACTOR = 1.05
+VERIFY_RANGE = 1.3  # verifier hits must be within this factor of the proposal's size...
+VERIFY_IOU = 0.5  # ...and overlap it this much
+FOLLOW_SCALE_FACTOR = 1.2  # re-finding a tracked face needs no fine size steps
+
+
+def cascade_path(name: str) -> str:
+    """A cascade file: a path as given, else a file name in OpenCV's bundled ``haarcascades``."""
+    if Path(name).is_file():
+        return name
+    return str(Path(cv2.data.haarcascades) / name)
+
+
+def load_cascade(name: str) -> cv2.CascadeClassifier:
+    path = cascade_path(name)
+    cascade = cv2.CascadeClassifier(path)
+    if cascade.empty():
+        raise ValueError(f"cannot load Haar cascade {name!r} (looked for {path})")
+    return cascade
+
+
+class HaarBackend(Backend):
+    name = "haar"
+
+    def __init__(self, cfg: DetectorConfig):
+        super().__init__(cfg.detect_width, cfg.upscale)
+        self.cascade = load_cascade(cfg.cascade)
+        self.scale_factor = cfg.scale_factor
+        self.min_neighbors = cfg.min_neighbors
+        self.min_size = cfg.min_size
+        self.verify_hits = cfg.verify_hits
+        self.verifier = load_cascade(cfg.verify_cascade) if cfg.verify_cascade and cfg.verify_hits > 0 else None
+
+    def prepare(self, frame: np.ndarray, factor: float) -> np.ndarray:
+        return resize(grey(frame), factor)
+
+    def find(self, image: np.ndarray, min_size: int = 0, max_size: int = 0,
+             scale_factor: float = 0.0) -> list[tuple]:
+        """Grouped cascade hits as ``(x, y, w, h, None, neighbours)``."""
+        low = max(self.min_size, min_size)
+        high = (max_size, max_size) if max_size else (0, 0)
+        if max_size and max_size < low:
+            return []
+        boxes, neighbours = self.cascade.detectMultiScale2(
+            image, scaleFactor=scale_factor or self.scale_factor, minNeighbors=self.min_neighbors,
+            minSize=(low, low), maxSize=high)
+        return [(int(x), int(y), int(w), int(h), None, int(n)) for (x, y, w, h), n in zip(boxes, neighbours)]
+
+    def find_near(self, window: np.ndarray, min_size: int, max_size: int) -> list[tuple]:
+        return self.find(window, min_size, max_size, scale_factor=max(self.scale_factor, FOLLOW_SCALE_FACTOR))
+
+    def accept(self, image: np.ndarray, boxes: list[tuple]) -> list[tuple]:
+        boxes = drop_nested(boxes)
+        if self.verifier is None:
+            return boxes
+        return [box for box in boxes if self.verify(image, box)]
+
+    def verify(self, image: np.ndarray, box: tuple) -> bool:
+        """Does the verifier cascade see the same face at least ``verify_hits`` times?"""
+        return self.verifier_hits(image, box, stop_at=self.verify_hits) >= self.verify_hits
+
+    def verifier_hits(self, image: np.ndarray, box: tuple, stop_at: int = 0) -> int:
+        """How often the verifier fires on ``box`` across :data:`VERIFY_SIZES` (at most ``stop_at``)."""
+        height, width = image.shape[:2]
+        x, y, w, h = box[:4]
+        rx, ry, rw, rh = expand_box(box, VERIFY_MARGIN, width, height)
+        hits = 0
+        for size in VERIFY_SIZES:
+            factor = size / w
+            window = cv2.equalizeHist(resize(image[ry:ry + rh, rx:rx + rw], factor))
+            target = ((x - rx) * factor, (y - ry) * factor, w * factor, h * factor)
+            found = self.verifier.detectMultiScale(
+                window, scaleFactor=VERIFY_SCALE_FACTOR, minNeighbors=0,
+                minSize=(int(size / VERIFY_RANGE),) * 2, maxSize=(int(size * VERIFY_RANGE),) * 2)
+            hits += sum(1 for hit in found if iou(hit, target) >= VERIFY_IOU)
+            if stop_at and hits >= stop_at:
+                break
+        return hits
+
+
+def drop_nested(boxes: list[tuple]) -> list[tuple]:
+    """Keep the strongest (most neighbours) of boxes that cover each other: one box per face."""
+    kept: list[tuple] = []
+    for box in sorted(boxes, key=lambda b: -b[5]):
+        if not any(same_face(box, other) for other in kept):
+            kept.append(box)
+    return kept

@@ -1,0 +1,359 @@
+"""The forwarder: edge broker -> durable spool -> cloud broker, losing nothing.
+
+Store and forward, in three steps:
+
+1. *Receive.* A persistent session on the edge broker (stable client id, clean
+   start off, session expiry) subscribes to ``<prefix>/#`` with manual acks.
+   paho's network thread hands each message to a bounded queue; nothing is
+   acknowledged yet, so the edge broker still owns it.
+2. *Store.* The forwarder's main loop writes whatever has arrived to the spool
+   in one transaction (one fsync per batch, see :mod:`facehub.spool`), and only
+   then acknowledges those messages to the edge broker. A crash before the ack
+   means the broker delivers them again.
+3. *Send.* The oldest pending spool entries are published to the cloud broker
+   (properties intact) with at most ``forwarder.inflight`` unacknowledged at a
+   time. An entry is deleted from the spool only when the cloud broker's PUBACK
+   (QoS 1) or PUBCOMP (QoS 2) arrives with a success reason code; with QoS 0
+   when paho has written it to the socket.
+
+Reconnects. Within one process the forwarder relies on paho to resend QoS 1/2
+messages that were in flight when the cloud connection dropped: paho keeps
+them until acknowledged and resends them (DUP set) on reconnect, with the same
+client object and packet ids, so their spool entries stay in flight and the
+window cannot stall or double up. QoS 0 messages paho has not written are
+discarded by paho on reconnect, so on a cloud disconnect the forwarder returns
+its unconfirmed QoS 0 entries to pending and publishes them again from the
+spool. Across a crash or ``kill -9`` the in-flight marks (memory only) are gone
+and every stored entry is sent again: at-least-once, made exactly-once in the
+bucket by the saver's face-id keys.
+
+Threads: paho's two network threads only put events on queues (the incoming
+queue is bounded, which pushes back on the edge broker; the completion queue
+is bounded by the in-flight window and never blocks, because paho calls
+``on_publish`` holding a lock that ``publish()`` needs). All spool and tracking
+work happens in the main loop, which also beats the heartbeat.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import paho.mqtt.client as paho
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from facehub import mqtt
+from facehub.config import Config
+from facehub.runtime import Runtime
+from facehub.edge.spool import Record, Spool, SpoolError, pack_properties
+
+log = logging.getLogger("facehub.forwarder")
+
+INCOMING_QUEUE = 10_000      # received, not yet spooled (bounded: backpressure on the edge broker)
+STORE_BATCH = 1_000          # messages written per spool transaction at most
+EXPIRE_INTERVAL = 5.0        # seconds between spool expiry sweeps
+STORE_RETRY_FOR = 30.0       # a spool write failing this long is fatal: restart, broker redelivers
+LOOP_WAIT = 0.25             # main loop wakes at least this often (heartbeat)
+
+
+@dataclass(frozen=True)
+class Received:
+    """A message taken from the edge broker, not yet acknowledged to it."""
+
+    mid: int
+    qos: int
+    record: Record
+
+
+NO_MATCHING_SUBSCRIBERS = 16  # MQTT v5 PUBACK reason code: accepted, but nobody will get it
+
+
+def delivered_to_a_subscriber(reason_code) -> bool:
+    """True when the cloud broker took responsibility for the face (it has somewhere to go)."""
+    return not reason_code.is_failure and reason_code.value != NO_MATCHING_SUBSCRIBERS
+
+
+def client_ids(config: Config) -> tuple[str, str]:
+    """Stable client ids (edge, cloud): persistent sessions need the same id after a restart."""
+    base = f"facehub-forwarder-{config.device_id}"
+    return base, f"{base}-cloud"
+
+
+def run(config: Config, runtime: Runtime) -> None:
+    """Forward faces from the edge broker to the cloud broker until ``runtime.stop`` is set."""
+    spool = Spool.from_config(config.forwarder)
+    try:
+        Forwarder(config, runtime, spool).run()
+    finally:
+        spool.close()
+
+
+class Forwarder:
+    """One edge subscription, one spool, one cloud publisher, one main loop."""
+
+    def __init__(self, config: Config, runtime: Runtime, spool: Spool):
+        self.config = config
+        self.runtime = runtime
+        self.spool = spool
+        self.window = config.forwarder.inflight
+        self.cloud_qos = config.cloud.qos
+        self._incoming: queue.Queue[Received] = queue.Queue(maxsize=INCOMING_QUEUE)
+        self._completions: queue.SimpleQueue[tuple] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._sent: dict[int, int] = {}   # paho mid -> spool id, owned by the main loop
+        self._broker_receive_maximum = 65535
+        self._cloud_ready = threading.Event()  # connected, and the broker's limits are known
+        self._retry_at = 0.0
+        self._reject_backoff = config.cloud.reconnect_min
+        self._next_expiry = 0.0
+        self._store_failing_since: float | None = None
+        self._unstored: list[Received] = []   # taken from the queue, spool write failed
+
+        local_id, cloud_id = client_ids(config)
+        self.local = mqtt.make_client(config.local, local_id, manual_ack=True)
+        self.local_state = mqtt.ConnectionState("forwarder edge broker")
+        self.local.on_connect = self._on_local_connect
+        self.local.on_message = self._on_message
+        self.local.on_subscribe = self._on_local_subscribe
+        self.subscribed = threading.Event()
+        self.local_state.attach(self.local)
+
+        self.cloud = mqtt.make_client(config.cloud, cloud_id)
+        self.cloud.max_inflight_messages_set(self.window)
+        self.cloud_state = mqtt.ConnectionState("forwarder cloud broker")
+        self.cloud.on_connect = self._on_cloud_connect
+        self.cloud.on_disconnect = self._on_cloud_disconnect
+        self.cloud.on_publish = self._on_publish
+        self.cloud_state.attach(self.cloud)
+
+    # -- paho callbacks (network threads): only queue events ---------------------------------
+
+    def _on_local_connect(self, client, userdata, flags, reason_code, properties):
+        if reason_code.is_failure:
+            return
+        # The subscription survives in the persistent session; renewing it is harmless.
+        client.subscribe(self.config.topic_filter, options=SubscribeOptions(qos=self.config.local.qos))
+
+    def _on_local_subscribe(self, client, userdata, mid, reason_codes, properties):
+        if all(not code.is_failure for code in reason_codes):
+            self.subscribed.set()
+        else:
+            log.error("edge broker refused the subscription to %s: %s", self.config.topic_filter,
+                      ", ".join(str(code) for code in reason_codes))
+
+    def _on_message(self, client, userdata, message: paho.MQTTMessage):
+        record = Record(topic=message.topic, payload=bytes(message.payload),
+                        properties=pack_properties(message.properties), qos=message.qos,
+                        received=time.time())
+        item = Received(message.mid, message.qos, record)
+        self.runtime.count("received")
+        while not self.runtime.stop.is_set():
+            try:
+                self._incoming.put(item, timeout=0.5)
+                self._wake.set()
+                return
+            except queue.Full:
+                continue  # the main loop is behind: hold the edge broker back
+        # Stopping: not acknowledged, so the edge broker delivers it again next time.
+
+    def _on_cloud_connect(self, client, userdata, flags, reason_code, properties):
+        if not reason_code.is_failure:
+            # Never more unacknowledged publishes than the broker says it accepts (paho does not check).
+            self._broker_receive_maximum = getattr(properties, "ReceiveMaximum", 65535)
+            self._cloud_ready.set()
+            self._wake.set()
+
+    def _on_cloud_disconnect(self, client, userdata, flags, reason_code, properties):
+        self._cloud_ready.clear()
+        self._completions.put(("down",))
+        self._wake.set()
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties):
+        self._completions.put(("done", mid, reason_code))
+        self._wake.set()
+
+    # -- main loop ---------------------------------------------------------------------------
+
+    def run(self) -> None:
+        log.info("forwarding %s from %s:%d to %s:%d (QoS %d -> %d, spool %s, fsync=%s, window %d)",
+                 self.config.topic_filter, self.config.local.host, self.config.local.port,
+                 self.config.cloud.host, self.config.cloud.port, self.config.local.qos,
+                 self.cloud_qos, self.spool.path, self.spool.fsync, self.window)
+        mqtt.start(self.cloud, self.config.cloud, persistent=True)
+        mqtt.start(self.local, self.config.local, persistent=True)
+        try:
+            while not self.runtime.stop.is_set():
+                self.step(LOOP_WAIT)
+        finally:
+            mqtt.stop(self.local)       # first: nothing new arrives, unacked ones stay at the broker
+            self._drain_completions()   # delete what the cloud confirmed meanwhile
+            mqtt.stop(self.cloud)
+            self._update_gauges()
+            self.runtime.flush()
+
+    def step(self, wait: float) -> None:
+        """One round: store what arrived, settle what the cloud confirmed, send more."""
+        self._wake.wait(wait)
+        self._wake.clear()
+        self._store_incoming()
+        self._drain_completions()
+        self._send()
+        self._housekeeping()
+        self.runtime.beat()
+
+    def _store_incoming(self) -> None:
+        """Spool everything received (one transaction per batch), then ack it to the edge broker."""
+        while True:
+            batch = self._take_incoming()
+            if not batch:
+                return
+            try:
+                result = self.spool.put_many([item.record for item in batch])
+            except SpoolError as error:
+                self._store_failed(batch, error)
+                return
+            self._store_failing_since = None
+            for item in batch:
+                if item.qos > 0:
+                    self.local.ack(item.mid, item.qos)
+            self.runtime.count("spooled", len(batch) - result.rejected)
+            if result.dropped or result.rejected:
+                self.runtime.count("spool_dropped", result.dropped + result.rejected)
+            if len(batch) < STORE_BATCH:
+                return
+
+    def _take_incoming(self) -> list[Received]:
+        batch, self._unstored = self._unstored, []
+        while len(batch) < STORE_BATCH:
+            try:
+                batch.append(self._incoming.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _store_failed(self, batch: list[Received], error: Exception) -> None:
+        """Keep the batch (unacknowledged) for the next round; fatal if the spool stays unwritable.
+
+        Raising ends the component; its restart reconnects the persistent
+        session and the edge broker delivers everything unacknowledged again.
+        """
+        now = time.monotonic()
+        if self._store_failing_since is None:
+            self._store_failing_since = now
+        self.runtime.count("spool_errors")
+        if now - self._store_failing_since > STORE_RETRY_FOR:
+            raise SpoolError(f"spool unwritable for {STORE_RETRY_FOR:.0f}s: {error}") from error
+        log.error("cannot write %d messages to the spool, retrying: %s", len(batch), error)
+        self._unstored = batch
+        self.runtime.wait(1.0)
+
+    def _drain_completions(self) -> None:
+        """Apply the cloud client's events in order: confirmed, refused, disconnected."""
+        delivered: list[int] = []
+        refused: list[int] = []
+        reason = None
+        while True:
+            try:
+                event = self._completions.get_nowait()
+            except queue.Empty:
+                break
+            if event[0] == "done":
+                entry_id = self._sent.pop(event[1], None)
+                if entry_id is None:
+                    continue
+                if not delivered_to_a_subscriber(event[2]):
+                    refused.append(entry_id)
+                    reason = event[2]
+                else:
+                    delivered.append(entry_id)
+            elif event[0] == "down" and self.cloud_qos == 0:
+                self._settle(delivered)
+                delivered = []
+                self.spool.release(self._sent.values())  # paho drops unsent QoS 0 packets
+                self._sent.clear()
+        self._settle(delivered)
+        if refused:
+            self._refused(refused, reason)
+
+    def _refused(self, entry_ids: list[int], reason) -> None:
+        """The cloud broker said no (not authorized, quota exceeded, no subscriber...): keep them, retry.
+
+        Nothing is dropped here: a broker that keeps refusing is a
+        misconfiguration to fix, meanwhile the spool's size and age limits apply.
+        "No matching subscribers" counts as a refusal too: the broker would
+        discard the face, which happens when no saver has ever subscribed yet
+        (a fresh cloud broker, savers still starting).
+        """
+        self.spool.release(entry_ids)
+        self.runtime.count("forward_refused", len(entry_ids))
+        log.warning("cloud broker refused %d publishes (%s); they stay in the spool, retrying in %.1fs",
+                    len(entry_ids), reason, self._reject_backoff)
+        self._retry_at = time.monotonic() + self._reject_backoff
+        self._reject_backoff = min(self._reject_backoff * 2, self.config.cloud.reconnect_max)
+
+    def _settle(self, delivered: list[int]) -> None:
+        if not delivered:
+            return
+        try:
+            self.spool.ack(delivered)
+        except SpoolError as error:
+            # Still stored: they will be sent again (a duplicate, never a loss).
+            log.error("cannot delete %d delivered entries from the spool: %s", len(delivered), error)
+            self.spool.release(delivered)
+            self.runtime.count("spool_errors")
+            return
+        self.runtime.count("forwarded", len(delivered))
+        self._reject_backoff = self.config.cloud.reconnect_min
+
+    def _send(self) -> None:
+        """Publish the oldest pending entries while the window has room and the cloud is up."""
+        if not self._cloud_ready.is_set() or time.monotonic() < self._retry_at:
+            return
+        room = self.effective_window - len(self._sent)
+        if room <= 0:
+            return
+        for entry in self.spool.claim(room):
+            try:
+                info = self.cloud.publish(entry.topic, entry.payload, qos=self.cloud_qos,
+                                          properties=entry.mqtt_properties())
+            except (ValueError, TypeError) as error:
+                self._unsendable(entry.id, error)
+                continue
+            if self.cloud_qos == 0 and info.rc != paho.MQTT_ERR_SUCCESS:
+                self.spool.release([entry.id])  # not written; QoS 0 is not queued by paho
+                break
+            # QoS 1/2: paho owns it now and (re)sends it until the broker acknowledges.
+            self._sent[info.mid] = entry.id
+
+    @property
+    def effective_window(self) -> int:
+        """forwarder.inflight, or less when the cloud broker's Receive Maximum is smaller."""
+        return min(self.window, self._broker_receive_maximum)
+
+    def _unsendable(self, entry_id: int, error: Exception) -> None:
+        """An entry paho refuses to publish can never leave: drop it, counted and logged."""
+        log.error("dropping spool entry %d: cannot be published: %s", entry_id, error)
+        self.spool.ack([entry_id])
+        self.runtime.count("spool_dropped")
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_expiry:
+            self._next_expiry = now + EXPIRE_INTERVAL
+            expired = self.spool.expire()
+            if expired:
+                self.runtime.count("spool_expired", expired)
+            self.spool.log_drops()
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        self.runtime.gauge("spool_depth", self.spool.depth)
+        self.runtime.gauge("spool_bytes", self.spool.bytes)
+        self.runtime.gauge("inflight", len(self._sent))
+        self.runtime.gauge("window", self.effective_window)
+        self.runtime.gauge("edge_connected", self.local_state.connected.is_set())
+        self.runtime.gauge("edge_subscribed", self.subscribed.is_set())
+        self.runtime.gauge("cloud_connected", self.cloud_state.connected.is_set())
