@@ -12,8 +12,8 @@ from paho.mqtt.properties import Properties
 
 from facehub.config import SaverConfig
 from facehub.messages import Face
-from facehub.cloud.storage import (FolderStore, S3Store, face_key, open_store, properties_record
-                             write_durably)
+from facehub.cloud.storage import (FolderStore, S3Store, face_key, open_store, properties_record,
+                                   write_durably)
 from servers import list_objects
 
 CAPTURED_MS = 1_709_600_523_004  # 2024-03-05T01:02:03.004Z
