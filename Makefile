@@ -33,7 +33,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml requirements/constraints.txt requirements/test.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q "uv==$(UV_VERSION)"
-	$(VENV)/bin/uv pip install --python $(PY) -q -c requirements/constraints.txt -e . -r requirements/test.txt
+	$(VENV)/bin/uv pip install --python $(PY) -q -c requirements/constraints.txt -e '.[bench]' -r requirements/test.txt
 	touch $@
 
 LINT_VENV ?= /tmp/lintvenv

@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--json", action="store_true", help="print the whole status as JSON")
 
     config = commands.add_parser("config", help="configuration tools")
-    config.add_argument("action", choices=("check",), help="validate and print the effective configuration")
+    config.add_argument("action", choices=("check", "reference"),
+                        help="check: validate and print the effective configuration (secrets masked); "
+                             "reference: print the reference of every key (docs/configuration.md)")
 
     detect = commands.add_parser("detect", help="print the faces found in images, one JSON line each")
     detect.add_argument("images", nargs="+")
@@ -54,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "bench":
         from facehub.dev import bench
         return bench.main(args.bench_args, config_path=args.config)
+    if args.command == "config" and args.action == "reference":
+        from facehub.config.reference import render
+        print(render(), end="")
+        return 0
     if args.command == "demo":
         from facehub.dev import demo
         return demo.main(args.demo_args)

@@ -206,14 +206,14 @@ def cmd_wait_clients(args) -> int:
 
 
 def cmd_make_bucket(args) -> int:
-    from servers import make_bucket
+    from facehub.dev.servers import make_bucket
 
     make_bucket(args.endpoint, args.bucket)
     return 0
 
 
 def cmd_list_s3(args) -> int:
-    from servers import list_objects
+    from facehub.dev.servers import list_objects
 
     print(json.dumps(sorted(list_objects(args.endpoint, args.bucket, args.prefix))))
     return 0

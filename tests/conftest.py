@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from servers import S3_ENV, Mosquitto, MotoS3, make_bucket  # noqa: E402
+from facehub.dev.servers import S3_ENV, Mosquitto, MotoS3, make_bucket  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("FACEHUB_SHARED", ROOT.parent / "shared"))
@@ -75,3 +75,22 @@ def shared_faces() -> Path:
     if not (FACES / "training.xml").is_file():
         pytest.skip(f"shared face photos not found at {FACES}")
     return FACES
+
+
+@pytest.fixture(scope="session")
+def photo():
+    """A photo-like colour image made here (no ../shared needed): smooth shading, shapes and grain,
+    so its JPEG crops are real, decodable and about 10 KB, like a face crop."""
+    import cv2
+    import numpy as np
+
+    rng = np.random.default_rng(7)
+    height, width = 300, 400
+    y, x = np.mgrid[0:height, 0:width]
+    image = np.dstack([(x * 255 // width), (y * 255 // height), ((x + y) * 127 // (width + height))]).astype(np.uint8)
+    for _ in range(12):
+        centre = (int(rng.integers(0, width)), int(rng.integers(0, height)))
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        cv2.circle(image, centre, int(rng.integers(10, 60)), colour, -1)
+    grain = rng.normal(0, 12, image.shape)
+    return np.clip(image + grain, 0, 255).astype(np.uint8)

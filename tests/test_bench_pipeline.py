@@ -61,11 +61,11 @@ def test_end_to_end_rows_count_what_was_stored(short_clip, tmp_path):
 
 
 def test_bridge_state_is_read_from_sys_topics(tmp_path):
-    from facehub.dev.launchers import LocalBroker, bridge_config
+    from facehub.dev.servers import Mosquitto, bridge_config
 
     assert pipeline.bridge_name(bridge_config(1883)) == "bench-bridge"
-    with LocalBroker(tmp_path / "cloud") as cloud, \
-            LocalBroker(tmp_path / "edge", extra=bridge_config(cloud.port)) as edge:
+    with Mosquitto(tmp_path / "cloud") as cloud, \
+            Mosquitto(tmp_path / "edge", extra=bridge_config(cloud.port)) as edge:
         pipeline.wait_bridge_connected(edge.port, "bench-bridge", timeout=30)
         with pytest.raises(RuntimeError, match="did not connect"):
             pipeline.wait_bridge_connected(edge.port, "no-such-bridge", timeout=1)

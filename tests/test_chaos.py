@@ -35,7 +35,7 @@ from pathlib import Path
 
 import netns
 import pytest
-from servers import S3_ENV, Mosquitto, MotoS3, Server, wait_for
+from facehub.dev.servers import S3_ENV, Mosquitto, MotoS3, Server, wait_for
 
 log = logging.getLogger("chaos")
 

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -86,3 +87,18 @@ def test_forwarder_session_on_the_edge_broker_never_expires():
     config.local.session_expiry = 2 ** 32
     with pytest.raises(ConfigError, match="local.session_expiry"):
         config.validate()
+
+
+def test_configuration_reference_is_current():
+    """docs/configuration.md is generated from the schema; regenerate with `facehub config reference`."""
+    from facehub.config.reference import render
+
+    current = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    assert current == render(), "docs/configuration.md is stale: run facehub config reference > docs/configuration.md"
+
+
+def test_every_configuration_key_is_documented():
+    from facehub.config.reference import render
+
+    undocumented = [line for line in render().splitlines() if line.startswith("| `") and line.endswith("|  |")]
+    assert undocumented == []

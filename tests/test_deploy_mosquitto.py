@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from servers import MOSQUITTO, Server
+from facehub.dev.servers import MOSQUITTO, Server
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "containers" / "ci"))

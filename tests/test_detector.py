@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 from conftest import YUNET_MODEL
-from servers import MjpegCamera, Mosquitto, free_port, wait_for
+from facehub.dev.servers import MjpegCamera, Mosquitto, free_port, wait_for
 
 from facehub.edge import detector
 from facehub import messages, mqtt

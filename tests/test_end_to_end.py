@@ -21,7 +21,7 @@ import boto3
 
 from facehub import messages, mqtt
 from facehub.config import BrokerConfig
-from servers import S3_ENV, wait_for
+from facehub.dev.servers import S3_ENV, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = re.compile(r"^e2e/(?P<device>[^/]+)/(?P<y>\d{4})/(?P<m>\d\d)/(?P<d>\d\d)/[^/]+-(?P<id>[A-Za-z0-9._-]+)\.jpg$")

@@ -23,7 +23,7 @@ from facehub import messages, mqtt
 from facehub.config import BrokerConfig, Config
 from facehub.runtime import Runtime, read_stats
 from facehub.edge.spool import Spool
-from servers import wait_for
+from facehub.dev.servers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 DEVICE = "cam1"

@@ -8,7 +8,7 @@ from facehub import messages, mqtt
 from facehub.config import BrokerConfig, Config
 from facehub.edge.face_logger import describe
 from facehub.runtime import Runtime
-from servers import Mosquitto, free_port, wait_for
+from facehub.dev.servers import Mosquitto, free_port, wait_for
 
 JPEG = b"\xff\xd8\xff\xe0" + b"\x00" * 100 + b"\xff\xd9"
 

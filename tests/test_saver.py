@@ -23,17 +23,12 @@ from facehub.config import BrokerConfig, Config, SaverConfig
 from facehub.messages import Face
 from facehub.runtime import Runtime
 from facehub.cloud.storage import FolderStore, face_key
-from servers import list_objects, make_bucket, wait_for
+from facehub.dev.servers import list_objects, make_bucket, wait_for
 
 PREFIX = "run"
 
 
 # -- helpers -----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def photo(shared_faces):
-    return cv2.imread(str(shared_faces / "2008_001009.jpg"))
 
 
 def face_jpeg(photo, n: int = 0) -> bytes:
@@ -341,7 +336,7 @@ def test_bad_input_is_rejected_counted_and_quarantined_while_good_faces_are_stor
     assert truncated["size"] == len(truncated_payload)
 
     # One log line per rejection, with a reason and no traceback.
-    rejected_lines = [r for r in caplog.records if r.name == "facehub.saver" and "rejected" in r.getMessage()]
+    rejected_lines = [r for r in caplog.records if r.name == "facehub.cloud.saver" and "rejected" in r.getMessage()]
     assert len(rejected_lines) >= len(bad)
     assert all(r.exc_info is None and "\n" not in r.getMessage() for r in rejected_lines)
     oversize_lines = [r for r in caplog.records if "oversize" in r.getMessage()]

@@ -14,16 +14,15 @@ from facehub.config import SaverConfig
 from facehub.messages import Face
 from facehub.cloud.storage import (FolderStore, S3Store, face_key, open_store, properties_record,
                                    write_durably)
-from servers import list_objects
+from facehub.dev.servers import list_objects
 
 CAPTURED_MS = 1_709_600_523_004  # 2024-03-05T01:02:03.004Z
 
 
 @pytest.fixture(scope="module")
-def jpeg(shared_faces) -> bytes:
-    """A real face-sized JPEG cut from one of the shared photos."""
-    image = cv2.imread(str(shared_faces / "2008_001009.jpg"))
-    ok, encoded = cv2.imencode(".jpg", image[40:200, 60:220], [cv2.IMWRITE_JPEG_QUALITY, 90])
+def jpeg(photo) -> bytes:
+    """A real face-sized JPEG cut from a photo made by the test."""
+    ok, encoded = cv2.imencode(".jpg", photo[40:200, 60:220], [cv2.IMWRITE_JPEG_QUALITY, 90])
     assert ok
     return encoded.tobytes()
 

@@ -16,7 +16,7 @@ import pytest
 
 from facehub.process import health
 from facehub.process.supervisor import EXIT_FATAL
-from servers import wait_for
+from facehub.dev.servers import wait_for
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent

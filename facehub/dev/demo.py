@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from facehub.dev.launchers import BrokerError, LocalBroker, free_port
+from facehub.dev.servers import BrokerError, Mosquitto, free_port
 from facehub.runtime import read_stats
 
 DEADLINE_SECONDS = 180
@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"demo: edge broker 127.0.0.1:{edge_port}, cloud broker 127.0.0.1:{cloud_port}, "
           f"work folder {work}", flush=True)
     try:
-        brokers = [LocalBroker(work / "edge-broker", edge_port).start(),
-                   LocalBroker(work / "cloud-broker", cloud_port).start()]
-    except BrokerError as error:
+        brokers = [Mosquitto(work / "edge-broker", port=edge_port).start(),
+                   Mosquitto(work / "cloud-broker", port=cloud_port).start()]
+    except (BrokerError, TimeoutError) as error:
         print(f"demo: {error}", file=sys.stderr)
         return 1
     env = {

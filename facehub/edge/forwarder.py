@@ -7,7 +7,7 @@ Store and forward, in three steps:
    paho's network thread hands each message to a bounded queue; nothing is
    acknowledged yet, so the edge broker still owns it.
 2. *Store.* The forwarder's main loop writes whatever has arrived to the spool
-   in one transaction (one fsync per batch, see :mod:`facehub.spool`), and only
+   in one transaction (one fsync per batch, see :mod:`facehub.edge.spool`), and only
    then acknowledges those messages to the edge broker. A crash before the ack
    means the broker delivers them again.
 3. *Send.* The oldest pending spool entries are published to the cloud broker

@@ -20,11 +20,13 @@ import tempfile
 from pathlib import Path
 
 from facehub.config import ConfigError, load
+from facehub.dev import MissingExtra, require_extra
 
 CROWD_PHOTO = "2007_007763.jpg"  # seven faces: the busy scene of the detector benchmark
 CORES_FRAMES = 40  # full searches per way of using the cores
 LATENCY_FRAMES = 300  # 10 s at 30 fps per latency row
-SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+# the labelled photos beside a source checkout (../shared), or wherever FACEHUB_SHARED says
+SHARED = Path(os.environ.get("FACEHUB_SHARED", Path(__file__).resolve().parents[4] / "shared"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +59,12 @@ def main(argv: list[str] | None = None, config_path: str | None = None) -> int:
     from facehub.edge.detection import SAMPLE_CLIP
 
     source = args.source or str(SAMPLE_CLIP)
+    if args.what in ("all", "pipeline"):
+        try:
+            require_extra("moto", "boto3")  # the pipeline section stores into moto's S3 server
+        except MissingExtra as error:
+            print(f"facehub bench pipeline {error}")
+            return 2
     if args.what in ("all", "quality"):
         bench_quality(config, args)
     if args.what in ("all", "pipeline"):
@@ -85,7 +93,7 @@ def bench_crowd(config, args) -> None:
 
 def bench_detector(config, args, source: str, given: bool, threads: list[int], label: str = "") -> int:
     """Throughput and latency tables for ``source``: at its own size when ``given``, else 640x480 and 1280x720."""
-    from facehub.dev.launchers import LocalBroker
+    from facehub.dev.servers import Mosquitto
     from facehub.dev.bench import detector as bench
 
     frames, capture_s = bench.read_frames(source, args.frames)
@@ -94,7 +102,7 @@ def bench_detector(config, args, source: str, given: bool, threads: list[int], l
     resolutions = [tuple(native)] if given else [(640, 480), (1280, 720)]
     runs, latency = [], []
     with tempfile.TemporaryDirectory(prefix="facehub-bench-") as work:
-        broker = None if args.no_publish else LocalBroker(Path(work) / "broker").start()
+        broker = None if args.no_publish else Mosquitto(Path(work) / "broker").start()
         publisher = bench.Publisher(broker.port) if broker else None
         try:
             for width, height in resolutions:

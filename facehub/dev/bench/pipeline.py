@@ -34,7 +34,7 @@ import numpy as np
 from facehub import messages, mqtt
 from facehub.config import BrokerConfig
 from facehub.dev.demo import counter
-from facehub.dev.launchers import LocalBroker, bridge_config, free_port
+from facehub.dev.servers import Mosquitto, MotoS3, bridge_config, make_bucket
 from facehub.runtime import percentiles, read_stats
 
 S3_ENV = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"}
@@ -122,9 +122,9 @@ def relay_throughput(kind: str, workdir: Path, count: int = 2000, size: int = 10
     workdir = workdir / kind
     workdir.mkdir(parents=True, exist_ok=True)
     payload = sample_face(size)
-    with LocalBroker(workdir / "cloud") as cloud:
+    with Mosquitto(workdir / "cloud") as cloud:
         extra = bridge_config(cloud.port) if kind == "bridge" else ""
-        with LocalBroker(workdir / "edge", extra=extra) as edge:
+        with Mosquitto(workdir / "edge", extra=extra) as edge:
             counter = Counter(cloud.port, count)
             counter.subscribed.wait(10)
             env = {"FACEHUB_DEVICE_ID": "bench", "FACEHUB_LOCAL_PORT": str(edge.port),
@@ -194,29 +194,12 @@ def _nothing():
 @contextmanager
 def moto_server(workdir: Path) -> Iterator[str]:
     """moto's S3 server on a free port, with a bucket ``faces``; yields its endpoint URL."""
-    port = free_port()
-    with open(workdir / "moto.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        endpoint = f"http://127.0.0.1:{port}"
-        try:
-            import boto3
-
-            client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                                  aws_access_key_id="bench", aws_secret_access_key="bench")
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    client.create_bucket(Bucket="faces")
-                    break
-                except Exception:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.2)
-            yield endpoint
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(10)
+    server = MotoS3(workdir / "moto").start(timeout=30)
+    try:
+        make_bucket(server.endpoint_url, "faces")
+        yield server.endpoint_url
+    finally:
+        server.stop()
 
 
 def saver_throughput(workdir: Path, count: int = 1000, size: int = 10_000) -> dict:
@@ -224,7 +207,7 @@ def saver_throughput(workdir: Path, count: int = 1000, size: int = 10_000) -> di
     workdir = workdir / "saver"
     workdir.mkdir(parents=True, exist_ok=True)
     payload = sample_face(size)
-    with moto_server(workdir) as endpoint, LocalBroker(workdir / "cloud") as cloud:
+    with moto_server(workdir) as endpoint, Mosquitto(workdir / "cloud") as cloud:
         env = {**S3_ENV, "FACEHUB_CLOUD_PORT": str(cloud.port), "FACEHUB_SUPERVISOR_STATE_DIR": str(workdir),
                "FACEHUB_SAVER_URL": "s3://faces/bench", "FACEHUB_SAVER_ENDPOINT_URL": endpoint}
         with component("saver", env, workdir):
@@ -378,7 +361,7 @@ def facehub_row(name: str, clip: Clip, frames: int, endpoint: str, workdir: Path
     """
     workdir.mkdir(parents=True)
     timeout = 2 * frames / clip.fps + 120
-    with LocalBroker(workdir / "cloud-broker") as cloud, LocalBroker(workdir / "edge-broker") as edge, \
+    with Mosquitto(workdir / "cloud-broker") as cloud, Mosquitto(workdir / "edge-broker") as edge, \
             PeakRss() as rss, ExitStack() as stack:
         env = {**S3_ENV, "FACEHUB_DEVICE_ID": "bench-cam", "FACEHUB_LOCAL_PORT": str(edge.port),
                "FACEHUB_CLOUD_PORT": str(cloud.port), "FACEHUB_SUPERVISOR_STATE_DIR": str(workdir),
@@ -422,8 +405,8 @@ def typical_row(clip: Clip, frames: int, endpoint: str, workdir: Path) -> dict:
     timeout = 4 * frames / clip.fps + 120  # it may detect slower than the camera delivers
     latencies, ready, result = workdir / "latencies.txt", workdir / "saver.ready", workdir / "detector.json"
     baseline = [sys.executable, "-m", "facehub.dev.bench.baseline"]
-    with LocalBroker(workdir / "cloud-broker") as cloud, \
-            LocalBroker(workdir / "edge-broker", extra=bridge_config(cloud.port, qos=0)) as edge, \
+    with Mosquitto(workdir / "cloud-broker") as cloud, \
+            Mosquitto(workdir / "edge-broker", extra=bridge_config(cloud.port, qos=0)) as edge, \
             PeakRss() as rss, ExitStack() as stack:
         rss.add("edge", edge.proc)
         rss.add("cloud", cloud.proc)

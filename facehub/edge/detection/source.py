@@ -23,7 +23,7 @@ from pathlib import Path
 
 import cv2
 
-SAMPLE_CLIP = Path(__file__).resolve().parent.parent / "samples" / "astronaut.mp4"
+SAMPLE_CLIP = Path(__file__).resolve().parents[2] / "samples" / "astronaut.mp4"
 STREAM_TIMEOUT_MS = 10_000
 
 log = logging.getLogger(__name__)

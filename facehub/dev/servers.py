@@ -1,8 +1,13 @@
-"""Real servers for tests: mosquitto brokers and moto's S3 server on free ports.
+"""Throwaway real servers for the tests, the demo and the benchmarks: mosquitto and moto's S3.
 
-Tests talk to the real thing, started here as child processes on 127.0.0.1 and
-stopped when the test ends. Each server can be stopped and started again on
-the same port, which the fault tests use to cut a hop and restore it.
+Each is the real thing, started as a child process on 127.0.0.1 (or inside a
+network namespace the caller made) and stopped when its user is done. A server
+can be stopped and started again on the same port, which the fault tests use to
+cut a hop and restore it.
+
+Not for production: these brokers listen on loopback only, allow anonymous
+clients and keep their files in a folder the caller removes; the deployment
+configures mosquitto with TLS, passwords and ACLs. moto is in the ``bench`` extra.
 """
 
 from __future__ import annotations
@@ -18,6 +23,10 @@ from pathlib import Path
 from typing import Callable
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+class BrokerError(RuntimeError):
+    pass
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -106,6 +115,12 @@ class Server:
     def running(self) -> bool:
         return bool(self.proc and self.proc.poll() is None)
 
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
 
 class Mosquitto(Server):
     """A real mosquitto broker. ``extra`` lines are appended to its configuration."""
@@ -134,7 +149,16 @@ class Mosquitto(Server):
             lines += ["persistence true", f"persistence_location {self.workdir}/",
                       "autosave_interval 1"]
         self.conf_path.write_text("\n".join(lines) + "\n" + self.extra + "\n")
+        if not os.path.exists(MOSQUITTO):
+            raise BrokerError("mosquitto is not installed: 'make demo' installs Debian's mosquitto, "
+                              "or run 'apt-get install mosquitto'")
         return [MOSQUITTO, "-c", str(self.conf_path)]
+
+
+def bridge_config(remote_port: int, topic: str = "faces/#", qos: int = 1) -> str:
+    """mosquitto's own bridge to another local broker: the yardstick for the forwarder."""
+    return (f"connection bench-bridge\naddress 127.0.0.1:{remote_port}\n"
+            f"topic {topic} out {qos}\ncleansession false\nbridge_protocol_version mqttv50\n")
 
 
 class MotoS3(Server):

@@ -1,11 +1,10 @@
-"""Settings: one TOML file plus ``FACEHUB_*`` environment overrides.
+"""The configuration schema: one dataclass per section, with defaults and validation.
 
-A container should need nothing but environment variables, so every key of the
-file can also be set as ``FACEHUB_<SECTION>_<KEY>`` (``FACEHUB_DETECTOR_SOURCE``,
-``FACEHUB_CLOUD_PASSWORD``); top-level keys are ``FACEHUB_<KEY>``
-(``FACEHUB_DEVICE_ID``). Values are validated once, here, and an invalid value
-raises :class:`ConfigError` naming the key, so a typo fails at start instead of
-deep inside a child process.
+Each section validates itself and raises :class:`ConfigError` naming the key,
+so a typo fails at start instead of deep inside a child process. How values
+get here (file, environment) is ``loader.py``'s business; ``reference.py``
+turns these classes into the reference of every key (docs/configuration.md),
+reading each field's trailing ``#`` comment as its description.
 """
 
 from __future__ import annotations
@@ -13,12 +12,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-ENV_PREFIX = "FACEHUB_"
 SECRET_KEYS = {"password", "secret", "key_secret", "secret_access_key"}
 MASK = "********"
 SESSION_NEVER_EXPIRES = 0xFFFFFFFF  # MQTT v5: the broker keeps the session until the client ends it
@@ -34,21 +31,21 @@ class ConfigError(ValueError):
 class BrokerConfig:
     """How to reach one MQTT broker (the local edge one or the cloud one)."""
 
-    host: str = "127.0.0.1"
-    port: int = 1883
-    username: str = ""
-    password: str = ""
-    tls: bool = False
-    ca_file: str = ""
-    cert_file: str = ""
-    key_file: str = ""
-    tls_insecure: bool = False
-    keepalive: int = 30
-    qos: int = 1
-    session_expiry: int = 86400
-    client_id: str = ""
-    reconnect_min: float = 0.5
-    reconnect_max: float = 30.0
+    host: str = "127.0.0.1"  # broker host name or address
+    port: int = 1883  # broker port (8883 is the usual TLS port)
+    username: str = ""  # MQTT user name (one account per device on the cloud broker)
+    password: str = ""  # MQTT password (secret: set it in the environment)
+    tls: bool = False  # connect with TLS
+    ca_file: str = ""  # CA certificate that signed the broker's certificate
+    cert_file: str = ""  # client certificate, for brokers that require one
+    key_file: str = ""  # client certificate's key
+    tls_insecure: bool = False  # skip the host name check (tests only)
+    keepalive: int = 30  # seconds between MQTT pings; a dead link is noticed in 1.5x this
+    qos: int = 1  # MQTT QoS of faces: 0, 1 (at least once, the default) or 2
+    session_expiry: int = 86400  # seconds the broker keeps a persistent session of an absent client
+    client_id: str = ""  # MQTT client id (default: derived from the component and device id)
+    reconnect_min: float = 0.5  # first reconnect delay, seconds
+    reconnect_max: float = 30.0  # longest reconnect delay, seconds
 
     def validate(self, section: str) -> None:
         _check(0 < self.port < 65536, f"{section}.port", "must be 1..65535")
@@ -67,14 +64,14 @@ class BrokerConfig:
 class DetectorConfig:
     """Camera source, detection backend and what to send per face.
 
-    Haar defaults (see facehub/detection/haar.py): proposals from
+    Haar defaults (see facehub/edge/detection/haar.py): proposals from
     ``cascade`` at ``scale_factor``/``min_neighbors``, each confirmed by
     ``verify_cascade`` firing at least ``verify_hits`` times (0 = off).
     ``min_size`` is in pixels of the detection image (frames are shrunk to
     ``detect_width``, or enlarged by up to ``upscale`` when narrower).
     ``score_threshold`` and ``nms_threshold`` are YuNet's. Duplicates: at most
     one crop per track per ``dedup_interval`` seconds (0 = every detection),
-    chosen by ``dedup_policy`` (see facehub/detection/tracker.py: "better" sends
+    chosen by ``dedup_policy`` (see facehub/edge/detection/tracker.py: "better" sends
     a later crop only when it is clearly larger than those sent, "largest"
     holds the largest of each interval, "first" refreshes once per interval); a
     track ends when unseen for ``track_timeout`` seconds. ``search``: where the
@@ -83,35 +80,37 @@ class DetectorConfig:
     live or paced sources, inline for a file read as fast as possible).
     """
 
+    # camera index or /dev/videoN, video file, rtsp:// or http:// URL, GStreamer pipeline, or 'sample'
     source: str = "0"
-    loop: bool = False
-    width: int = 0
-    height: int = 0
+    loop: bool = False  # replay a video file when it ends
+    width: int = 0  # frame width requested from a camera (0 = camera default)
+    height: int = 0  # frame height requested from a camera (0 = camera default)
+    # frames per second requested from a camera; for a file, play it at this pace (0 = as fast as possible)
     fps: float = 0.0
-    backend: str = "haar"
-    cascade: str = "haarcascade_frontalface_default.xml"
-    verify_cascade: str = "haarcascade_frontalface_alt.xml"
-    verify_hits: int = 3
-    model_path: str = ""
-    scale_factor: float = 1.1
-    min_neighbors: int = 1
-    min_size: int = 20
-    detect_width: int = 640
-    upscale: float = 1.0
-    score_threshold: float = 0.8
-    nms_threshold: float = 0.3
-    margin: float = 0.2
-    jpeg_quality: int = 90
-    detect_every: int = 15
-    search: str = "auto"
-    dedup_interval: float = 1.0
-    dedup_policy: str = "better"
-    track_iou: float = 0.3
-    track_timeout: float = 1.0
-    queue_size: int = 1000
-    threads: int = 0
-    reopen_min: float = 0.5
-    reopen_max: float = 30.0
+    backend: str = "haar"  # 'haar' (OpenCV's bundled cascades) or 'yunet' (a DNN, needs model_path)
+    cascade: str = "haarcascade_frontalface_default.xml"  # Haar cascade that proposes faces
+    verify_cascade: str = "haarcascade_frontalface_alt.xml"  # Haar cascade that must confirm each proposal
+    verify_hits: int = 3  # confirmations a proposal needs (0 = no verification)
+    model_path: str = ""  # YuNet ONNX model file
+    scale_factor: float = 1.1  # Haar image pyramid step
+    min_neighbors: int = 1  # Haar overlapping detections a face needs
+    min_size: int = 20  # smallest face, in pixels of the detection image
+    detect_width: int = 640  # frames wider than this are shrunk for detection (0 = full size)
+    upscale: float = 1.0  # narrower frames may be enlarged by up to this factor (1 = never)
+    score_threshold: float = 0.8  # YuNet score a face needs
+    nms_threshold: float = 0.3  # YuNet non-maximum suppression overlap
+    margin: float = 0.2  # margin around the box in the crop, as a share of the box size
+    jpeg_quality: int = 90  # JPEG quality of the crops
+    detect_every: int = 15  # a full search every N frames; the frames between only follow tracked faces
+    search: str = "auto"  # where the full search runs: 'auto', 'background' or 'inline'
+    dedup_interval: float = 1.0  # seconds between two crops of one face (0 = every detection)
+    dedup_policy: str = "better"  # which crops of a face are sent: 'better', 'largest' or 'first'
+    track_iou: float = 0.3  # overlap that links a detection to a track
+    track_timeout: float = 1.0  # seconds a track lives unseen
+    queue_size: int = 1000  # faces waiting for the broker; when full the oldest is dropped and counted
+    threads: int = 0  # OpenCV threads (0 = one per core, up to 4)
+    reopen_min: float = 0.5  # first delay before reopening a failed source, seconds
+    reopen_max: float = 30.0  # longest delay before reopening a failed source, seconds
 
     def validate(self, section: str = "detector") -> None:
         _check(self.backend in ("haar", "yunet"), f"{section}.backend", "must be 'haar' or 'yunet'")
@@ -156,12 +155,13 @@ def opencv_threads(threads: int) -> int:
 class ForwarderConfig:
     """The durable spool between the edge broker and the cloud broker."""
 
+    # SQLite spool file (default: /var/lib/facehub/spool.db as root, else the user's state folder)
     spool_path: str = field(default_factory=lambda: default_spool_path())
-    spool_max_messages: int = 100_000
-    spool_max_bytes: int = 1_000_000_000
-    spool_max_age: float = 7 * 86400.0
-    fsync: str = "full"
-    inflight: int = 100
+    spool_max_messages: int = 100_000  # faces the spool holds; beyond it the oldest are dropped and counted
+    spool_max_bytes: int = 1_000_000_000  # bytes the spool holds; beyond it the oldest are dropped and counted
+    spool_max_age: float = 7 * 86400.0  # seconds a face may wait in the spool before it is dropped and counted
+    fsync: str = "full"  # 'full' (survives power loss), 'normal' or 'off'
+    inflight: int = 100  # faces sent to the cloud broker and not yet acknowledged
 
     def validate(self, section: str = "forwarder") -> None:
         _check(self.fsync in ("full", "normal", "off"), f"{section}.fsync", "must be full, normal or off")
@@ -181,20 +181,20 @@ class SaverConfig:
     stuck for longer than a few timeouts stops the heartbeat.
     """
 
-    url: str = "./faces"
-    endpoint_url: str = ""
-    key: str = ""
-    secret: str = ""
-    region: str = ""
-    max_bytes: int = 2_000_000
-    quarantine_prefix: str = "quarantine"
-    share_group: str = "savers"
-    instances: int = 1
-    workers: int = 4
-    inflight: int = 100
-    timeout: float = 30.0
-    retry_min: float = 0.5
-    retry_max: float = 30.0
+    url: str = "./faces"  # where faces go: s3://bucket/prefix, or a folder (an s3fs-fuse mount)
+    endpoint_url: str = ""  # S3 endpoint of an S3-compatible store (default: AWS)
+    key: str = ""  # S3 access key id (default: the AWS credential chain)
+    secret: str = ""  # S3 secret access key (secret)
+    region: str = ""  # S3 region
+    max_bytes: int = 2_000_000  # largest payload accepted; larger ones are counted and dropped
+    quarantine_prefix: str = "quarantine"  # where rejected messages are kept, under the store's prefix
+    share_group: str = "savers"  # MQTT shared-subscription group of the savers
+    instances: int = 1  # savers run by `facehub run cloud`
+    workers: int = 4  # storage writes at once per saver
+    inflight: int = 100  # unacknowledged faces the broker may push to a saver (MQTT v5 Receive Maximum)
+    timeout: float = 30.0  # seconds one storage call may take
+    retry_min: float = 0.5  # first delay before retrying a failed write, seconds
+    retry_max: float = 30.0  # longest delay before retrying a failed write, seconds
 
     def validate(self, section: str = "saver") -> None:
         _check(bool(self.url), f"{section}.url", "must not be empty")
@@ -217,15 +217,15 @@ class SaverConfig:
 class SupervisorConfig:
     """Restart policy and health bookkeeping for the process supervisor."""
 
-    max_restarts: int = 5
-    restart_window: float = 60.0
-    backoff_min: float = 1.0
-    backoff_max: float = 30.0
-    startsecs: float = 1.0
-    heartbeat_timeout: float = 30.0
-    stop_timeout: float = 10.0
-    status_interval: float = 1.0
-    state_dir: str = "/tmp/facehub"
+    max_restarts: int = 5  # crashes of one child within restart_window before the supervisor gives up (exit 3)
+    restart_window: float = 60.0  # seconds over which crashes are counted
+    backoff_min: float = 1.0  # delay before the first restart, seconds; doubles per crash
+    backoff_max: float = 30.0  # longest delay before a restart, seconds
+    startsecs: float = 1.0  # seconds a child must live to count as RUNNING
+    heartbeat_timeout: float = 30.0  # seconds without a heartbeat before a child counts as stuck and is restarted
+    stop_timeout: float = 10.0  # seconds a child gets to stop before SIGKILL
+    status_interval: float = 1.0  # seconds between status file writes
+    state_dir: str = "/tmp/facehub"  # folder of the status and stats files that `facehub health` reads
 
     def validate(self, section: str = "supervisor") -> None:
         _check(self.max_restarts >= 0, f"{section}.max_restarts", "must be >= 0")
@@ -241,9 +241,10 @@ class SupervisorConfig:
 class Config:
     """The whole effective configuration of one FaceHub process tree."""
 
+    # this device's id, in topics and storage keys (default: the host name)
     device_id: str = field(default_factory=lambda: _safe_name(socket.gethostname()))
-    topic_prefix: str = "faces"
-    log_level: str = "INFO"
+    topic_prefix: str = "faces"  # faces are published on <topic_prefix>/<device_id>
+    log_level: str = "INFO"  # DEBUG, INFO, WARNING or ERROR
     # the edge broker keeps the forwarder's queue however long the forwarder is down (bounded by the
     # broker's max_queued_messages), so faces published meanwhile still reach the cloud
     local: BrokerConfig = field(default_factory=lambda: BrokerConfig(session_expiry=SESSION_NEVER_EXPIRES))
@@ -284,98 +285,13 @@ class Config:
         """The configuration as plain data; secrets masked unless asked otherwise."""
         data = dataclasses.asdict(self)
         if mask_secrets:
-            _mask(data)
+            mask(data)
         return data
-
-
-def load(path: str | os.PathLike | None = None, env: Mapping[str, str] | None = None) -> Config:
-    """Read the file (if any), apply ``FACEHUB_*`` overrides, validate, return the result.
-
-    The file defaults to ``$FACEHUB_CONFIG`` when no path is given.
-    """
-    env = os.environ if env is None else env
-    path = path or env.get(ENV_PREFIX + "CONFIG") or None
-    config = Config()
-    if path:
-        try:
-            with open(path, "rb") as handle:
-                data = tomllib.load(handle)
-        except FileNotFoundError:
-            raise ConfigError(f"config file not found: {path}") from None
-        except tomllib.TOMLDecodeError as error:
-            raise ConfigError(f"config file {path} is not valid TOML: {error}") from None
-        _apply_mapping(config, data, prefix="")
-    _apply_env(config, env)
-    return config.validate()
-
-
-def _apply_mapping(target: Any, data: Mapping[str, Any], prefix: str) -> None:
-    known = {f.name: f for f in fields(target)}
-    for key, value in data.items():
-        label = _close(f"{prefix}{key}")
-        if key not in known:
-            raise ConfigError(f"{label}: unknown setting")
-        current = getattr(target, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"{label}: must be a table of settings")
-            _apply_mapping(current, value, prefix=f"{prefix}{key}.")
-        else:
-            setattr(target, key, _coerce(label, value, type(current)))
-
-
-def _apply_env(config: Config, env: Mapping[str, str]) -> None:
-    sections = {f.name for f in fields(config) if dataclasses.is_dataclass(getattr(config, f.name))}
-    for var, raw in env.items():
-        if not var.startswith(ENV_PREFIX) or var == ENV_PREFIX + "CONFIG":
-            continue
-        rest = var[len(ENV_PREFIX):].lower()
-        section, _, key = rest.partition("_")
-        if section in sections and key:
-            _apply_mapping(getattr(config, section), {key: raw}, prefix=f"{var} ({section}.")
-        else:
-            _apply_mapping(config, {rest: raw}, prefix=f"{var} (")
-
-
-def _coerce(name: str, value: Any, kind: type) -> Any:
-    """Turn a file or environment value into the setting's type, or name the key."""
-    try:
-        if kind is bool:
-            if isinstance(value, bool):
-                return value
-            text = str(value).strip().lower()
-            if text in ("1", "true", "yes", "on"):
-                return True
-            if text in ("0", "false", "no", "off", ""):
-                return False
-            raise ValueError(value)
-        if kind is int:
-            if isinstance(value, bool):
-                raise ValueError(value)
-            return int(value)
-        if kind is float:
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}: expected {kind.__name__}, got {value!r}") from None
-
-
-def _close(name: str) -> str:
-    """Close the '(' opened for environment variable names in error messages."""
-    return name + ")" if "(" in name and not name.endswith(")") else name
 
 
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
-
-
-def _mask(data: dict[str, Any]) -> None:
-    for key, value in data.items():
-        if isinstance(value, dict):
-            _mask(value)
-        elif key in SECRET_KEYS and value:
-            data[key] = MASK
 
 
 def default_spool_path() -> str:
@@ -388,3 +304,11 @@ def default_spool_path() -> str:
 
 def _safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name) or "device"
+
+
+def mask(data: dict[str, Any]) -> None:
+    for key, value in data.items():
+        if isinstance(value, dict):
+            mask(value)
+        elif key in SECRET_KEYS and value:
+            data[key] = MASK

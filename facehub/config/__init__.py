@@ -1,0 +1,10 @@
+"""Settings: the schema (``schema.py``), where values come from (``loader.py``), the reference (``reference.py``)."""
+
+from facehub.config.loader import ENV_PREFIX, load
+from facehub.config.schema import (DEDUP_POLICIES, MASK, SEARCH_MODES, SECRET_KEYS, SESSION_NEVER_EXPIRES,
+                                   BrokerConfig, Config, ConfigError, DetectorConfig, ForwarderConfig,
+                                   SaverConfig, SupervisorConfig, default_spool_path, opencv_threads)
+
+__all__ = ["DEDUP_POLICIES", "ENV_PREFIX", "MASK", "SEARCH_MODES", "SECRET_KEYS", "SESSION_NEVER_EXPIRES",
+           "BrokerConfig", "Config", "ConfigError", "DetectorConfig", "ForwarderConfig", "SaverConfig",
+           "SupervisorConfig", "default_spool_path", "load", "opencv_threads"]
