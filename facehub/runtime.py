@@ -58,6 +58,16 @@ class Runtime:
         with self._lock:
             self.samples.setdefault(key, deque(maxlen=SAMPLES_KEPT)).append(value)
 
+    def counter(self, key: str) -> int:
+        """The current value of a counter (thread-safe): for tests and in-process readers."""
+        with self._lock:
+            return self.stats[key]
+
+    def gauge_value(self, key: str, default: Any = None) -> Any:
+        """The current value of a gauge (thread-safe)."""
+        with self._lock:
+            return self.gauges.get(key, default)
+
     def beat(self) -> None:
         """Say "still working" and flush counters at most once per interval.
 

@@ -48,8 +48,12 @@ def ignores_stop(config, runtime):
 
 
 def ready_later(config, runtime):
-    """Reports the gauge ``up`` after a moment, noting when, then works until stopped."""
-    time.sleep(1.0)
+    """Reports the gauge ``up`` once the test creates ``<state_dir>/go``, noting when; then works until stopped."""
+    go = os.path.join(config.supervisor.state_dir, "go")
+    while not os.path.exists(go):
+        runtime.beat()
+        if runtime.wait(0.05):
+            return
     with open(os.path.join(config.supervisor.state_dir, "ready-at"), "w") as handle:
         handle.write(f"{time.time()}\n")
     runtime.gauge("up", True)

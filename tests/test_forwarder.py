@@ -156,13 +156,11 @@ def running_forwarder(config: Config):
 
 
 def counter(runtime: Runtime, key: str) -> int:
-    with runtime._lock:
-        return runtime.stats[key]
+    return runtime.counter(key)
 
 
 def gauge(runtime: Runtime, key: str):
-    with runtime._lock:
-        return runtime.gauges.get(key)
+    return runtime.gauge_value(key)
 
 
 def test_forwards_payload_and_properties_intact(tmp_path, brokers, collector_factory):

@@ -11,7 +11,8 @@ import threading
 import pytest
 
 from facehub import messages
-from facehub.edge.spool import Record, Spool, SpoolError, entry_size, pack_properties, unpack_properties
+from facehub.edge.properties import pack_properties, unpack_properties
+from facehub.edge.spool import Record, Spool, SpoolError, entry_size
 
 
 def face_record(n: int, size: int = 100) -> Record:
@@ -125,8 +126,7 @@ def test_survives_kill_9(tmp_path, fsync):
 @pytest.mark.parametrize("fsync, level", [("full", 2), ("normal", 1), ("off", 0)])
 def test_fsync_policy_sets_sqlite_synchronous(tmp_path, fsync, level):
     with Spool(tmp_path / "spool.db", fsync=fsync) as spool:
-        assert spool._db.execute("PRAGMA synchronous").fetchone()[0] == level
-        assert spool._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert spool.sqlite_settings() == {"synchronous": level, "journal_mode": "wal"}
 
 
 def test_unknown_fsync_policy_is_refused(tmp_path):
@@ -220,7 +220,7 @@ def test_unwritable_spool_raises_spool_error(tmp_path):
     with Spool(tmp_path / "spool.db") as spool:
         other = sqlite3.connect(tmp_path / "spool.db", isolation_level=None)
         other.execute("BEGIN IMMEDIATE")  # hold the write lock
-        spool._db.execute("PRAGMA busy_timeout=100")
+        spool.set_busy_timeout(0.1)
         with pytest.raises(SpoolError):
             spool.put("faces/cam1", b"x")
         other.execute("ROLLBACK")
@@ -240,4 +240,4 @@ def test_deletes_do_not_change_the_durability_of_puts(tmp_path):
         ids = put_faces(spool, 3)
         spool.claim(3)
         assert spool.ack(ids) == 3
-        assert spool._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL again
+        assert spool.sqlite_settings()["synchronous"] == 2  # FULL again

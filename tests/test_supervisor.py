@@ -324,8 +324,11 @@ def test_children_stop_when_the_supervisor_is_killed(start):
 def test_child_waits_for_its_dependency_to_be_ready(start):
     """The detector's case: start only once the forwarder's session is subscribed."""
     sup = start("later=components:notes_start@first:up", "first=components:ready_later")
-    wait_for(lambda: sup.child("later").get("state") == "WAITING", 20, message="later WAITING")
+    wait_for(lambda: running(sup, "first"), 20, message="first running")
+    assert sup.child("later").get("state") == "WAITING"
     started = sup.state_dir / "started-at"
+    assert not started.exists()
+    (sup.state_dir / "go").touch()  # now first reports ready
     wait_for(started.exists, 30, message="later started")
     ready_at = float((sup.state_dir / "ready-at").read_text())
     assert float(started.read_text()) >= ready_at

@@ -48,7 +48,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from facehub import mqtt
 from facehub.config import Config
 from facehub.runtime import Runtime
-from facehub.edge.spool import Record, Spool, SpoolError, pack_properties
+from facehub.edge.properties import pack_properties
+from facehub.edge.spool import Record, Spool, SpoolError
 
 log = logging.getLogger("facehub.forwarder")
 

@@ -37,8 +37,6 @@ One SQLite connection, guarded by a lock, serves all threads.
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import sqlite3
 import threading
@@ -47,10 +45,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from facehub.config import ForwarderConfig
+from facehub.edge.properties import unpack_properties
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +69,6 @@ CREATE TABLE IF NOT EXISTS messages (
 );
 CREATE INDEX IF NOT EXISTS messages_received ON messages (received);
 """
-
-# Properties that describe one hop, not the message: never stored or forwarded.
-HOP_PROPERTIES = ("TopicAlias", "SubscriptionIdentifier")
-
 
 class SpoolError(RuntimeError):
     """The spool file cannot be opened or written."""
@@ -115,38 +109,6 @@ class PutResult:
     rejected: int
 
 
-def pack_properties(properties: Properties | None) -> str:
-    """MQTT v5 PUBLISH properties as compact JSON (readable with the sqlite3 shell).
-
-    Hop-local properties (topic alias, subscription identifier) are left out:
-    they mean something only on the connection they arrived on. JSON rather
-    than paho's wire encoding because paho decodes that one property at a time,
-    which costs more than the rest of the forwarding path.
-    """
-    data: dict[str, object] = {}
-    if properties is not None:
-        for spaced in properties.names:
-            name = spaced.replace(" ", "")
-            value = getattr(properties, name, None)
-            if value is None or name in HOP_PROPERTIES:
-                continue
-            if isinstance(value, (bytes, bytearray)):
-                value = {"base64": base64.b64encode(value).decode("ascii")}
-            data[name] = value
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-
-
-def unpack_properties(text: str) -> Properties:
-    properties = Properties(PacketTypes.PUBLISH)
-    for name, value in json.loads(text or "{}").items():
-        if name == "UserProperty":
-            value = [tuple(pair) for pair in value]
-        elif isinstance(value, dict):
-            value = base64.b64decode(value["base64"])
-        setattr(properties, name, value)
-    return properties
-
-
 def entry_size(record: Record) -> int:
     """What an entry counts against ``max_bytes``: topic, properties and payload."""
     return len(record.payload) + len(record.topic.encode()) + len(record.properties.encode())
@@ -177,6 +139,17 @@ class Spool:
         if self._count:
             log.info("spool %s: %d entries (%d bytes) pending from before, sending them again",
                      self.path, self._count, self._bytes)
+
+    def sqlite_settings(self) -> dict[str, object]:
+        """The SQLite settings in force (``synchronous`` 0-2, ``journal_mode``), to check the fsync policy."""
+        with self._lock:
+            return {"synchronous": self._db.execute("PRAGMA synchronous").fetchone()[0],
+                    "journal_mode": self._db.execute("PRAGMA journal_mode").fetchone()[0]}
+
+    def set_busy_timeout(self, seconds: float) -> None:
+        """How long a write waits for another writer's lock before :class:`SpoolError` (default 30 s)."""
+        with self._lock:
+            self._db.execute(f"PRAGMA busy_timeout={int(seconds * 1000)}")
 
     @classmethod
     def from_config(cls, config: ForwarderConfig) -> "Spool":
