@@ -489,3 +489,5 @@ def test_qos0_contrast_shows_what_it_loses(chaos, capsys):
     # Loss is the point of this run; it must still have pushed every face and stored some.
     if len(outcome.published) < FACES or not outcome.stored or outcome.unknown:
         pytest.fail(report(scenario, outcome), pytrace=False)
+    # QoS 0 keeps nothing for a killed forwarder or a cut link: if nothing was lost, the faults did not bite
+    assert outcome.lost, f"QoS 0 lost nothing under the same faults\n{report(scenario, outcome)}"
