@@ -11,9 +11,11 @@ demo read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import tempfile
 import threading
 import time
 from collections import Counter, deque
@@ -24,6 +26,9 @@ log = logging.getLogger(__name__)
 
 STATS_SUFFIX = ".stats.json"
 SAMPLES_KEPT = 10_000
+# Histogram bucket bounds for observations in milliseconds (latencies, search times). Percentiles
+# cannot be added up across processes (two savers), bucket counts can: /metrics exports these.
+BUCKETS_MS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 60000)
 
 
 class Runtime:
@@ -37,6 +42,8 @@ class Runtime:
         self.stats: Counter[str] = Counter()
         self.gauges: dict[str, Any] = {}
         self.samples: dict[str, deque] = {}
+        self.histograms: dict[str, Histogram] = {}
+        self.last_counted: dict[str, float] = {}  # counter -> wall time it last grew
         self._heartbeat = heartbeat
         self._lock = threading.Lock()
         self._flush_interval = flush_interval
@@ -47,6 +54,7 @@ class Runtime:
         """Add to a counter (thread-safe): faces published, rejected, dropped..."""
         with self._lock:
             self.stats[key] += amount
+            self.last_counted[key] = time.time()
 
     def gauge(self, key: str, value: Any) -> None:
         """Set a point-in-time value, such as the spool depth."""
@@ -54,9 +62,11 @@ class Runtime:
             self.gauges[key] = value
 
     def observe(self, key: str, value: float) -> None:
-        """Record one measurement (a latency); the last ones are summarised as percentiles."""
+        """Record one measurement (a latency, in ms); the last ones are summarised as percentiles,
+        and all of them are counted in histogram buckets."""
         with self._lock:
             self.samples.setdefault(key, deque(maxlen=SAMPLES_KEPT)).append(value)
+            self.histograms.setdefault(key, Histogram()).add(value)
 
     def counter(self, key: str) -> int:
         """The current value of a counter (thread-safe): for tests and in-process readers."""
@@ -88,7 +98,9 @@ class Runtime:
         with self._lock:
             data = {"name": self.name, "pid": os.getpid(), "updated": time.time(),
                     "counters": dict(self.stats), "gauges": dict(self.gauges),
-                    "percentiles": {key: percentiles(values) for key, values in self.samples.items()}}
+                    "percentiles": {key: percentiles(values) for key, values in self.samples.items()},
+                    "histograms": {key: histogram.as_dict() for key, histogram in self.histograms.items()},
+                    "last_counted": dict(self.last_counted)}
         try:
             write_json_atomic(self._stats_path, data)
         except OSError as error:
@@ -108,6 +120,26 @@ class Runtime:
         self.flush()
 
 
+class Histogram:
+    """Cumulative counts of observations per bucket bound of :data:`BUCKETS_MS`, their sum and count."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(BUCKETS_MS)
+        self.sum = 0.0
+        self.count = 0
+
+    def add(self, value: float) -> None:
+        self.sum += value
+        self.count += 1
+        for index, bound in enumerate(BUCKETS_MS):
+            if value <= bound:
+                self.counts[index] += 1
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"buckets": [[bound, count] for bound, count in zip(BUCKETS_MS, self.counts)],
+                "sum": round(self.sum, 3), "count": self.count}
+
+
 def percentiles(values) -> dict[str, float]:
     """count, p50, p95, p99 and max of the values (nearest-rank)."""
     ordered = sorted(values)
@@ -122,11 +154,21 @@ def percentiles(values) -> dict[str, float]:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Replace ``path`` with ``data`` as JSON so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, sort_keys=True))
-    os.replace(tmp, path)
+    """Replace ``path`` with ``data`` as JSON so readers never see half a file.
+
+    The temporary file has an unpredictable name and mode 0600 (``mkstemp``), so another
+    local user cannot plant a symlink where it will be written.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(json.dumps(data, sort_keys=True))
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def read_stats(state_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:

@@ -21,7 +21,7 @@ import boto3
 
 from facehub import messages, mqtt
 from facehub.config import BrokerConfig
-from facehub.dev.servers import S3_ENV, wait_for
+from facehub.dev.servers import S3_ENV, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = re.compile(r"^e2e/(?P<device>[^/]+)/(?P<y>\d{4})/(?P<m>\d\d)/(?P<d>\d\d)/[^/]+-(?P<id>[A-Za-z0-9._-]+)\.jpg$")
@@ -84,8 +84,13 @@ def test_video_to_s3_every_face_stored_once(broker_factory, s3_server, s3_bucket
         "FACEHUB_CLOUD_RECONNECT_MAX": "2",  # faces the cloud has no saver for yet are retried this often
     }
     cloud_state, edge_state = tmp_path / "cloud-state", tmp_path / "edge-state"
-    procs = [run_role("cloud", {**env, "FACEHUB_SUPERVISOR_STATE_DIR": str(cloud_state)}, tmp_path / "cloud.log"),
-             run_role("edge", {**env, "FACEHUB_SUPERVISOR_STATE_DIR": str(edge_state)}, tmp_path / "edge.log")]
+    cloud_metrics, edge_metrics = free_port(), free_port()
+    procs = [run_role("cloud", {**env, "FACEHUB_SUPERVISOR_STATE_DIR": str(cloud_state),
+                                "FACEHUB_METRICS_PORT": str(cloud_metrics), "FACEHUB_METRICS_HOST": "127.0.0.1"},
+                      tmp_path / "cloud.log"),
+             run_role("edge", {**env, "FACEHUB_SUPERVISOR_STATE_DIR": str(edge_state),
+                               "FACEHUB_METRICS_PORT": str(edge_metrics), "FACEHUB_METRICS_HOST": "127.0.0.1"},
+                      tmp_path / "edge.log")]
     s3 = boto3.client("s3", endpoint_url=s3_server.endpoint_url, region_name="us-east-1")
     try:
         wait_for(lambda: stats_of(edge_state).get("children", {}).get("detector", {}).get("state") == "EXITED",
@@ -100,6 +105,13 @@ def test_video_to_s3_every_face_stored_once(broker_factory, s3_server, s3_bucket
         wait_for(lambda: len(stored_keys()) >= len(collector.faces), 60, interval=0.5,
                  message="every face stored")
         keys = stored_keys()
+        # /metrics of both roles, as Prometheus would read them once the stats files caught up
+        edge_metric = wait_for(lambda: scrape(edge_metrics).get(("facehub_forwarded_total", "forwarder")), 20,
+                               message="edge metrics")
+        cloud_metric = wait_for(lambda: scrape(cloud_metrics).get(("facehub_stored_total", "saver-1"), 0)
+                                + scrape(cloud_metrics).get(("facehub_stored_total", "saver-2"), 0), 20,
+                                message="cloud metrics")
+        edge_samples = scrape(edge_metrics)
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
@@ -108,6 +120,10 @@ def test_video_to_s3_every_face_stored_once(broker_factory, s3_server, s3_bucket
         collector.close()
 
     assert [p.returncode for p in procs] == [0, 0]
+    assert edge_metric >= len(collector.faces) and cloud_metric >= len(collector.faces)
+    assert edge_samples[("facehub_faces_published_total", "detector")] >= len(collector.faces)
+    assert edge_samples[("facehub_child_up", "forwarder")] == 1
+    assert edge_samples[("facehub_publish_latency_seconds_count", "detector")] >= len(collector.faces)
     assert len(collector.faces) >= 5, "the sample clip should yield several faces"
     matches = {m["id"]: m for m in map(KEY.match, keys)}
     assert None not in matches, f"unexpected keys: {keys}"
@@ -130,6 +146,19 @@ def test_video_to_s3_every_face_stored_once(broker_factory, s3_server, s3_bucket
     assert edge_stats["forwarder"]["counters"]["forwarded"] >= len(collector.faces)
     # The logger's session is not persistent: it may miss faces published before it subscribed.
     assert 0 < edge_stats["logger"]["counters"]["logged"] <= len(collector.faces)
+
+
+def scrape(port: int) -> dict[tuple[str, str], float]:
+    """/metrics parsed by Prometheus's own parser: (sample name, component) -> value."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {(sample.name, sample.labels.get("component", "")): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples
+            if "reason" not in sample.labels and "le" not in sample.labels and "counter" not in sample.labels}
 
 
 def matches_id(key: str) -> str:

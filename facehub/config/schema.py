@@ -238,6 +238,17 @@ class SupervisorConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """Prometheus ``/metrics``, served by the supervisor of ``facehub run ROLE`` for all its children."""
+
+    port: int = 0  # port of /metrics (0 = off)
+    host: str = "0.0.0.0"  # address to listen on (0.0.0.0 = every interface, for a scraper in the cluster)
+
+    def validate(self, section: str = "metrics") -> None:
+        _check(0 <= self.port < 65536, f"{section}.port", "must be 0 (off) or 1..65535")
+
+
+@dataclass
 class Config:
     """The whole effective configuration of one FaceHub process tree."""
 
@@ -253,6 +264,7 @@ class Config:
     forwarder: ForwarderConfig = field(default_factory=ForwarderConfig)
     saver: SaverConfig = field(default_factory=SaverConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     @property
     def topic(self) -> str:
@@ -279,6 +291,7 @@ class Config:
         self.forwarder.validate()
         self.saver.validate()
         self.supervisor.validate()
+        self.metrics.validate()
         return self
 
     def to_dict(self, mask_secrets: bool = True) -> dict[str, Any]:

@@ -211,11 +211,14 @@ class Supervisor:
         self.ready_sent = False
         self.started_at = time.monotonic()
         self.notifier = sdnotify.Notifier()
+        self.last_status: dict[str, Any] = {"children": {}}  # what the metrics thread reads
+        self.metrics_server: Any = None
 
     # -- lifecycle -------------------------------------------------------------------------
     def run(self) -> int:
         """Supervise until asked to stop, or until a child turns FATAL. Returns the exit code."""
         Path(self.policy.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.serve_metrics()
         for child in self.children:
             if child.spec.after:
                 child.set_state(State.WAITING, "waiting for {} to report {}".format(*child.spec.after))
@@ -237,10 +240,25 @@ class Supervisor:
         finally:
             self.notifier.notify("STOPPING=1")
             self.stop_all()
+            if self.metrics_server is not None:
+                self.metrics_server.shutdown()
         if self.fatal:
             log.error("giving up: %s", self.fatal)
             return EXIT_FATAL
         return 0
+
+    def serve_metrics(self) -> None:
+        """Start ``/metrics`` when ``metrics.port`` is set; a port in use is logged, not fatal."""
+        if not self.config.metrics.port:
+            return
+        from facehub.process import metrics
+
+        try:
+            self.metrics_server = metrics.serve(self.config.metrics.port, self.config.metrics.host,
+                                                self.policy.state_dir, lambda: self.last_status["children"])
+        except OSError as error:
+            log.error("cannot serve metrics on %s:%d: %s", self.config.metrics.host, self.config.metrics.port,
+                      error)
 
     def request_stop(self, *_: Any) -> None:
         """Signal handler: only sets a flag; the loop does the stopping."""
@@ -388,6 +406,7 @@ class Supervisor:
     def report(self) -> None:
         """Write the status file and tell systemd how things stand."""
         status = self.status(time.monotonic())
+        self.last_status = status
         try:
             write_json_atomic(self.status_path, status)
         except OSError as error:
