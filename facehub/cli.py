@@ -18,51 +18,69 @@ log = logging.getLogger("facehub")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="facehub", description=__doc__)
+    # -c is accepted before or after the command: every subparser has it too, and SUPPRESS keeps
+    # a subparser that was not given -c from overwriting the value given before the command
+    config_option = argparse.ArgumentParser(add_help=False)
+    config_option.add_argument("-c", "--config", default=argparse.SUPPRESS,
+                               help="TOML config file (default: $FACEHUB_CONFIG)")
+    parser = argparse.ArgumentParser(prog="facehub", description=__doc__, parents=[config_option])
     parser.add_argument("--version", action="version", version=f"facehub {__version__}")
-    parser.add_argument("-c", "--config", help="TOML config file (default: $FACEHUB_CONFIG)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    for name in COMPONENT_NAMES:
-        commands.add_parser(name, help=f"run the {name} alone in the foreground")
+    def command(name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=description or help, parents=[config_option],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    run = commands.add_parser("run", help="run a role's components under the supervisor")
-    run.add_argument("role", choices=("edge", "cloud"))
-    run.add_argument("--daemon", action="store_true", help="detach into the background")
+    for name in COMPONENT_NAMES:
+        command(name, f"run the {name} alone in the foreground (no supervisor; Ctrl-C stops it)")
+
+    run = command("run", "run a role's components under the supervisor",
+                  "Run the role's components as supervised child processes: restarted when they crash, "
+                  "stopped cleanly on SIGTERM; health in <supervisor.state_dir>, /metrics on metrics.port.")
+    run.add_argument("role", choices=("edge", "cloud"),
+                     help="edge: forwarder, logger and detector; cloud: saver.instances savers")
+    run.add_argument("--daemon", action="store_true",
+                     help="detach into the background, for init systems that do not supervise; under systemd "
+                          "(Type=notify), K3s or Docker run in the foreground instead")
     run.add_argument("--pidfile", help="pid file (with --daemon)")
     run.add_argument("--logfile", help="log file (with --daemon; without it a detached daemon's logs are discarded)")
 
-    health = commands.add_parser("health", help="exit 0 when the supervised role is healthy, 1 when not")
+    health = command("health", "exit 0 when the supervised role is healthy, 1 when not",
+                     "Liveness of the supervised role, from its status file: exit 0 when healthy, 1 when not, "
+                     "with a one-line reason.")
     health.add_argument("--json", action="store_true", help="print the whole status as JSON")
 
-    config = commands.add_parser("config", help="configuration tools")
+    config = command("config", "configuration tools")
     config.add_argument("action", choices=("check", "reference"),
                         help="check: validate and print the effective configuration (secrets masked); "
                              "reference: print the reference of every key (docs/configuration.md)")
 
-    detect = commands.add_parser("detect", help="print the faces found in images, one JSON line each")
-    detect.add_argument("images", nargs="+")
+    detect = command("detect", "print the faces found in images, one JSON line each",
+                     "Run the configured detector on image files: one JSON line per image with the boxes found, "
+                     "to tune a camera setup.")
+    detect.add_argument("images", nargs="+", help="image files (JPEG, PNG...)")
 
-    bench = commands.add_parser("bench", help="measure detector and pipeline speed")
-    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    from facehub.dev import bench, demo  # light modules: their heavy imports happen when they run
 
-    demo = commands.add_parser("demo", help="run the whole pipeline on the built-in sample")
-    demo.add_argument("demo_args", nargs=argparse.REMAINDER)
+    bench.add_arguments(command("bench", "measure speed and quality (needs the 'bench' extra for pipeline)",
+                                bench.__doc__))
+    demo.add_arguments(command("demo", "run the whole pipeline on the built-in sample clip", demo.__doc__))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.config = getattr(args, "config", None)
     if args.command == "bench":
         from facehub.dev import bench
-        return bench.main(args.bench_args, config_path=args.config)
+        return bench.main(args, config_path=args.config)
     if args.command == "config" and args.action == "reference":
         from facehub.config.reference import render
         print(render(), end="")
         return 0
     if args.command == "demo":
         from facehub.dev import demo
-        return demo.main(args.demo_args)
+        return demo.main(args, config_path=args.config)
     try:
         config = load(args.config)
     except ConfigError as error:

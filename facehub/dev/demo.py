@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -31,15 +32,62 @@ def counter(stats: dict, component: str, key: str) -> int:
                if name == component or name.startswith(component + "-"))
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="facehub demo", description=__doc__)
-    parser.add_argument("--out", default="demo-out", help="folder the saver writes into")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``facehub demo``, for this module's parser and for the CLI's subparser."""
+    parser.add_argument("--out", default="demo-out", help="folder the saver writes into (default: ./demo-out)")
     parser.add_argument("--source", help="video to use instead of the built-in sample clip")
-    args = parser.parse_args(argv)
-    from facehub.edge.detector import SAMPLE_CLIP
+    parser.add_argument("--frames", type=int, default=0,
+                        help="use only the first N frames of the clip (0 = all)")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the work folder (broker logs, spool, status files) instead of removing it")
+
+
+def main(argv: list[str] | argparse.Namespace | None = None, config_path: str | None = None) -> int:
+    if isinstance(argv, argparse.Namespace):
+        args = argv
+    else:
+        parser = argparse.ArgumentParser(prog="facehub demo", description=__doc__)
+        add_arguments(parser)
+        args = parser.parse_args(argv)
+    from facehub.edge.detection.source import SAMPLE_CLIP
 
     out = Path(args.out).resolve()
     work = Path(tempfile.mkdtemp(prefix="facehub-demo-"))
+    try:
+        return run_demo(args, config_path, out, work, Path(args.source or SAMPLE_CLIP))
+    finally:
+        if args.keep:
+            print(f"demo: kept the work folder {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def first_frames(source: Path, count: int, work: Path) -> Path:
+    """The first ``count`` frames of ``source`` as a clip of their own."""
+    import cv2
+
+    capture = cv2.VideoCapture(str(source))
+    fps = capture.get(cv2.CAP_PROP_FPS) or 15.0
+    clip = work / "clip.avi"
+    writer = None
+    for _ in range(count):
+        ok, frame = capture.read()
+        if not ok:
+            break
+        if writer is None:
+            writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), fps,
+                                     (frame.shape[1], frame.shape[0]))
+        writer.write(frame)
+    capture.release()
+    if writer is None:
+        raise SystemExit(f"demo: no frames in {source}")
+    writer.release()
+    return clip
+
+
+def run_demo(args: argparse.Namespace, config_path: str | None, out: Path, work: Path, source: Path) -> int:
+    if args.frames:
+        source = first_frames(source, args.frames, work)
     edge_port, cloud_port = free_port(), free_port()
     print(f"demo: edge broker 127.0.0.1:{edge_port}, cloud broker 127.0.0.1:{cloud_port}, "
           f"work folder {work}", flush=True)
@@ -54,11 +102,13 @@ def main(argv: list[str] | None = None) -> int:
         "FACEHUB_DEVICE_ID": "demo-cam",
         "FACEHUB_LOCAL_PORT": str(edge_port),
         "FACEHUB_CLOUD_PORT": str(cloud_port),
-        "FACEHUB_DETECTOR_SOURCE": str(args.source or SAMPLE_CLIP),
+        "FACEHUB_DETECTOR_SOURCE": str(source),
         "FACEHUB_DETECTOR_LOOP": "false",
         "FACEHUB_FORWARDER_SPOOL_PATH": str(work / "spool.db"),
         "FACEHUB_SAVER_URL": str(out),
     }
+    if config_path:
+        env["FACEHUB_CONFIG"] = str(Path(config_path).resolve())
     roles = {
         "cloud": subprocess.Popen([sys.executable, "-m", "facehub.cli", "run", "cloud"],
                                   env={**env, "FACEHUB_SUPERVISOR_STATE_DIR": str(work / "cloud")}),
@@ -81,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 def wait_until_stored(work: Path, roles: dict[str, subprocess.Popen]) -> bool:
     """Poll the components' counters until the clip is done and every published face is stored."""
     deadline = time.monotonic() + DEADLINE_SECONDS
+    progress = Progress()
     while time.monotonic() < deadline:
         for name, proc in roles.items():
             if proc.poll() is not None:
@@ -88,9 +139,33 @@ def wait_until_stored(work: Path, roles: dict[str, subprocess.Popen]) -> bool:
                 return False
         if pipeline_done(work / "edge", work / "cloud"):
             return True
+        progress.show(work)
         time.sleep(0.5)
     print(f"demo: gave up waiting after {DEADLINE_SECONDS}s")
     return False
+
+
+class Progress:
+    """How far the demo is: one line that rewrites itself on a terminal, a plain line every 5 s elsewhere."""
+
+    def __init__(self):
+        self.tty = sys.stdout.isatty()
+        self.last_line = ""
+        self.last_print = 0.0
+
+    def show(self, work: Path) -> None:
+        edge, cloud = read_stats(work / "edge"), read_stats(work / "cloud")
+        line = (f"demo: frames {counter(edge, 'detector', 'frames')}, "
+                f"faces published {counter(edge, 'detector', 'faces_published')}, "
+                f"forwarded {counter(edge, 'forwarder', 'forwarded')}, "
+                f"stored {counter(cloud, 'saver', 'stored')}")
+        now = time.monotonic()
+        if self.tty:
+            print("\r" + line.ljust(len(self.last_line)), end="", flush=True)
+        elif line != self.last_line and now - self.last_print >= 5:
+            print(line, flush=True)
+            self.last_print = now
+        self.last_line = line
 
 
 def pipeline_done(edge_dir: Path, cloud_dir: Path) -> bool:
@@ -127,6 +202,8 @@ def summarise(stats: dict, out: Path) -> int:
         print(f"  e.g. {path.relative_to(out.parent)}")
     ok = published > 0 and stored >= published
     print("demo: OK, every published face is stored" if ok else "demo: FAILED, see the log above")
+    if ok:
+        print(f"look at them: ls {out}/*/*/*/*/ (a JPEG per face, with its metadata in the .json beside it)")
     return 0 if ok else 1
 
 

@@ -32,7 +32,14 @@ SHARED = Path(os.environ.get("FACEHUB_SHARED", Path(__file__).resolve().parents[
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facehub bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", nargs="?", default="all", choices=("all", "detector", "quality", "pipeline"))
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``facehub bench``, for this module's parser and for the CLI's subparser."""
+    parser.add_argument("what", nargs="?", default="all", choices=("all", "detector", "quality", "pipeline"),
+                        help="the section to run (default: all of them, about 6 minutes)")
     parser.add_argument("--source", help="video file, camera index or URL (default: the built-in clip)")
     parser.add_argument("--threads", type=int, action="append",
                         help="OpenCV threads (repeatable; default: 1 and 2, or the one given)")
@@ -46,11 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="times bench pipeline plays the clip (default: about 30 s of video)")
     parser.add_argument("--rate", type=float, default=30.0,
                         help="camera rate (frames/s) for the latency table (0 = skip it)")
-    return parser
 
 
-def main(argv: list[str] | None = None, config_path: str | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | argparse.Namespace | None = None, config_path: str | None = None) -> int:
+    args = argv if isinstance(argv, argparse.Namespace) else build_parser().parse_args(argv)
     try:
         config = load(config_path)
     except ConfigError as error:
@@ -100,20 +106,21 @@ def bench_detector(config, args, source: str, given: bool, threads: list[int], l
     fps = 15.0
     native = frames[0].shape[1::-1]
     resolutions = [tuple(native)] if given else [(640, 480), (1280, 720)]
+    minimum = 0 if given or args.frames else 300  # the built-in clip is looped to 300 frames unless --frames
     runs, latency = [], []
     with tempfile.TemporaryDirectory(prefix="facehub-bench-") as work:
         broker = None if args.no_publish else Mosquitto(Path(work) / "broker").start()
         publisher = bench.Publisher(broker.port) if broker else None
         try:
             for width, height in resolutions:
-                sized = bench.at_resolution(frames, width, height, minimum=0 if given else 300)
+                sized = bench.at_resolution(frames, width, height, minimum=minimum)
                 for count in threads:
                     config.detector.threads = count
                     with bench.on_cores(1 if count == 1 else 0):
                         runs.append(bench.run_baseline(sized, count, publisher, capture_s))
                         runs.append(bench.run_facehub(sized, config.detector, publisher, fps, capture_s))
             if publisher and args.rate > 0:
-                paced = bench.at_resolution(frames, *resolutions[0], minimum=0 if given else 300)[:LATENCY_FRAMES]
+                paced = bench.at_resolution(frames, *resolutions[0], minimum=minimum)[:LATENCY_FRAMES]
                 latency = bench.latency_runs(paced, config.detector, broker.port, publisher, args.rate, threads)
         finally:
             if publisher:
