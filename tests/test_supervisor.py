@@ -334,3 +334,30 @@ def test_child_waits_for_its_dependency_to_be_ready(start):
     assert float(started.read_text()) >= ready_at
     wait_for(lambda: running(sup, "later"), 20, message="later running")
     assert sup.stop() == 0
+
+
+def test_forged_status_file_is_not_trusted(tmp_path):
+    """A status file claiming health for a pid that is no facehub supervisor reports unhealthy."""
+    state = tmp_path / "state"
+    state.mkdir()
+    impostor = subprocess.Popen(["sleep", "60"])
+    try:
+        (state / "supervisor-cloud.json").write_text(json.dumps({
+            "role": "cloud", "pid": impostor.pid, "updated": time.time(), "interval": 1, "healthy": True,
+            "summary": "1 components up", "children": {"saver-1": {"state": "RUNNING", "heartbeat_age": 0}}}))
+        healthy, reason, _ = health.check(str(state))
+    finally:
+        impostor.kill()
+        impostor.wait()
+    assert not healthy
+    assert "no live facehub supervisor" in reason
+
+
+def test_state_dir_behind_a_symlink_is_refused(start, tmp_path):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (tmp_path / "state").symlink_to(target)
+    sup = start("a=components:steady")
+    assert sup.proc.wait(20) == 4
+    assert "not a plain directory" in sup.output()
+    assert not list(target.iterdir()), "nothing may be written through the symlink"

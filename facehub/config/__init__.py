@@ -3,8 +3,9 @@
 from facehub.config.loader import ENV_PREFIX, load
 from facehub.config.schema import (DEDUP_POLICIES, MASK, SEARCH_MODES, SECRET_KEYS, SESSION_NEVER_EXPIRES,
                                    BrokerConfig, Config, ConfigError, DetectorConfig, ForwarderConfig,
-                                   MetricsConfig, SaverConfig, SupervisorConfig, default_spool_path, opencv_threads)
+                                   MetricsConfig, SaverConfig, SupervisorConfig, default_spool_path, default_state_dir,
+                                   opencv_threads)
 
 __all__ = ["DEDUP_POLICIES", "ENV_PREFIX", "MASK", "SEARCH_MODES", "SECRET_KEYS", "SESSION_NEVER_EXPIRES",
            "BrokerConfig", "Config", "ConfigError", "DetectorConfig", "ForwarderConfig", "MetricsConfig", "SaverConfig",
-           "SupervisorConfig", "default_spool_path", "load", "opencv_threads"]
+           "SupervisorConfig", "default_spool_path", "default_state_dir", "load", "opencv_threads"]

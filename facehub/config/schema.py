@@ -225,7 +225,9 @@ class SupervisorConfig:
     heartbeat_timeout: float = 30.0  # seconds without a heartbeat before a child counts as stuck and is restarted
     stop_timeout: float = 10.0  # seconds a child gets to stop before SIGKILL
     status_interval: float = 1.0  # seconds between status file writes
-    state_dir: str = "/tmp/facehub"  # folder of the status and stats files that `facehub health` reads
+    # folder of the status and stats files that `facehub health` reads (default: /run/facehub as root,
+    # else $XDG_RUNTIME_DIR/facehub); created 0700, and refused when it is not the user's own
+    state_dir: str = field(default_factory=lambda: default_state_dir())
 
     def validate(self, section: str = "supervisor") -> None:
         _check(self.max_restarts >= 0, f"{section}.max_restarts", "must be >= 0")
@@ -305,6 +307,16 @@ class Config:
 def _check(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
+
+
+def default_state_dir() -> str:
+    """A private runtime folder: never a predictable path in a world-writable /tmp."""
+    if os.geteuid() == 0:
+        return "/run/facehub"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return os.path.join(runtime, "facehub")
+    return os.path.join(os.path.expanduser("~"), ".local", "state", "facehub", "run")
 
 
 def default_spool_path() -> str:

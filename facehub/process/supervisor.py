@@ -53,11 +53,13 @@ from facehub.backoff import Backoff
 from facehub.config import Config
 from facehub.process import sdnotify
 from facehub.process.logs import setup_logging
+from facehub.process.statedir import UnsafeStateDir, ensure_private
 from facehub.runtime import Runtime, read_stats, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 EXIT_FATAL = 3
+EXIT_UNSAFE = 4  # the state folder is not private: nothing started
 STARTUP_WAIT = 30.0  # seconds a child waits for its dependency before starting anyway
 STUCK_KILL_AFTER = 2.0  # seconds a stuck child gets to stop before SIGKILL
 LOOP_INTERVAL = 0.1
@@ -217,7 +219,11 @@ class Supervisor:
     # -- lifecycle -------------------------------------------------------------------------
     def run(self) -> int:
         """Supervise until asked to stop, or until a child turns FATAL. Returns the exit code."""
-        Path(self.policy.state_dir).mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            ensure_private(self.policy.state_dir)
+        except (UnsafeStateDir, OSError) as error:
+            log.error("%s", error)
+            return EXIT_UNSAFE
         self.serve_metrics()
         for child in self.children:
             if child.spec.after:
