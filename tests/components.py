@@ -66,3 +66,11 @@ def notes_start(config, runtime):
     with open(os.path.join(config.supervisor.state_dir, "started-at"), "w") as handle:
         handle.write(f"{time.time()}\n")
     runtime.run_until_stopped(interval=0.1)
+
+
+def steady_with_stepped_clock(config, runtime):
+    """Like ``steady``, but its wall clock jumps a day ahead after a second, as after an NTP step."""
+    real, started = time.time, time.monotonic()
+    time.time = lambda: real() + (86400.0 if time.monotonic() - started > 1.0 else 0.0)
+    runtime.count("started")
+    runtime.run_until_stopped(interval=0.1)

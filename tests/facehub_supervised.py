@@ -25,7 +25,19 @@ def spec(item: str) -> supervisor.ChildSpec:
     return supervisor.ChildSpec(name, target, tuple(after.split(":")) if after else None)
 
 
+def step_wall_clock(seconds: float, after: float = 1.0) -> None:
+    """Make ``time.time()`` jump by ``seconds`` once ``after`` seconds have passed (an NTP step at boot)."""
+    import time
+
+    real, started = time.time, time.monotonic()
+    time.time = lambda: real() + (seconds if time.monotonic() - started > after else 0.0)
+
+
 def main() -> int:
+    import os
+
+    if os.environ.get("WALL_CLOCK_STEP_FOR_TEST"):
+        step_wall_clock(float(os.environ["WALL_CLOCK_STEP_FOR_TEST"]))
     parser = argparse.ArgumentParser()
     parser.add_argument("run", choices=("run",))
     parser.add_argument("role")

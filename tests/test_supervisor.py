@@ -361,3 +361,20 @@ def test_state_dir_behind_a_symlink_is_refused(start, tmp_path):
     assert sup.proc.wait(20) == 4
     assert "not a plain directory" in sup.output()
     assert not list(target.iterdir()), "nothing may be written through the symlink"
+
+
+@pytest.mark.parametrize("step", [86400, -86400])
+def test_wall_clock_step_kills_no_child(start, step):
+    """Heartbeats, backoffs and deadlines are monotonic: a wall-clock step (NTP at boot on a board
+    without a real-time clock) in the supervisor and in a child restarts nothing."""
+    sup = start("a=components:steady_with_stepped_clock", "b=components:steady",
+                env={"WALL_CLOCK_STEP_FOR_TEST": str(step), "FACEHUB_SUPERVISOR_HEARTBEAT_TIMEOUT": "2"})
+    pids = {name: wait_for(lambda n=name: running(sup, n), 20, message=f"{name} running") for name in "ab"}
+    # nothing happens is the point: watch for well past the step (1 s) plus the heartbeat timeout (2 s)
+    watch_until = time.monotonic() + 4
+    while time.monotonic() < watch_until:
+        assert {name: running(sup, name) for name in "ab"} == pids, "a child was restarted"
+        time.sleep(0.2)  # observing that nothing happens; the status file changes every 0.2 s
+    assert {name: running(sup, name) for name in "ab"} == pids
+    assert sup.child("a")["restarts"] == 0 and sup.child("b")["restarts"] == 0
+    assert sup.stop() == 0
