@@ -102,3 +102,20 @@ def test_every_configuration_key_is_documented():
 
     undocumented = [line for line in render().splitlines() if line.startswith("| `") and line.endswith("|  |")]
     assert undocumented == []
+
+
+def test_config_check_masks_every_secret():
+    env = {"FACEHUB_DETECTOR_SOURCE": "rtsp://admin:cam-pass@10.0.0.5/stream",
+           "FACEHUB_SAVER_ENDPOINT_URL": "https://user:store-pass@s3.example.org",
+           "FACEHUB_SAVER_KEY": "AKIAEXAMPLE", "FACEHUB_SAVER_SECRET": "s3-secret", "FACEHUB_CLOUD_PASSWORD": "mqtt-pass"}
+    text = json.dumps(load(env=env).to_dict(mask_secrets=True))
+    for secret in ("cam-pass", "store-pass", "AKIAEXAMPLE", "s3-secret", "mqtt-pass"):
+        assert secret not in text
+    assert "rtsp://admin:********@10.0.0.5/stream" in text
+
+
+def test_stream_and_pipeline_labels_hide_passwords():
+    from facehub.edge.detection.source import parse_source
+
+    assert "cam-pass" not in parse_source("rtsp://admin:cam-pass@10.0.0.5/stream").label
+    assert "cam-pass" not in parse_source("rtspsrc location=rtsp://admin:cam-pass@h ! decodebin ! appsink").label

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SECRET_KEYS = {"password", "secret", "key_secret", "secret_access_key"}
+# keys whose whole value is secret (saver.key is an access key id: not a password, but no business of a log)
+SECRET_KEYS = {"password", "secret", "key_secret", "secret_access_key", "key"}
 MASK = "********"
 SESSION_NEVER_EXPIRES = 0xFFFFFFFF  # MQTT v5: the broker keeps the session until the client ends it
 SEARCH_MODES = ("auto", "background", "inline")
@@ -331,9 +333,20 @@ def _safe_name(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name) or "device"
 
 
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/@\s]*):(?P<password>[^@/\s]*)@")
+
+
+def redact_credentials(text: str) -> str:
+    """Hide the password of every ``scheme://user:password@`` in ``text`` (URLs, GStreamer pipelines)."""
+    return _URL_PASSWORD.sub(lambda m: f"{m['head']}:{MASK}@", text)
+
+
 def mask(data: dict[str, Any]) -> None:
+    """Mask secrets in place: secret keys whole, and passwords inside any URL-like value."""
     for key, value in data.items():
         if isinstance(value, dict):
             mask(value)
         elif key in SECRET_KEYS and value:
             data[key] = MASK
+        elif isinstance(value, str):
+            data[key] = redact_credentials(value)

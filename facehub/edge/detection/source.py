@@ -23,6 +23,8 @@ from pathlib import Path
 
 import cv2
 
+from facehub.config.schema import redact_credentials
+
 SAMPLE_CLIP = Path(__file__).resolve().parents[2] / "samples" / "astronaut.mp4"
 STREAM_TIMEOUT_MS = 10_000
 
@@ -55,9 +57,9 @@ def parse_source(spec: str) -> Source:
     if spec.isdigit():
         return Source("camera", int(spec), f"camera {spec}")
     if "!" in spec:
-        return Source("gstreamer", spec, f"GStreamer pipeline '{_short(spec)}'")
+        return Source("gstreamer", spec, f"GStreamer pipeline '{_short(redact_credentials(spec))}'")
     if "://" in spec:
-        return Source("stream", spec, f"stream {_redact(spec)}")
+        return Source("stream", spec, f"stream {redact_credentials(spec)}")
     if spec.startswith("/dev/"):
         return Source("camera", spec, f"camera {spec}")
     return Source("file", spec, f"video file {spec}")
@@ -129,10 +131,3 @@ def _short(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _redact(url: str) -> str:
-    """Hide a password in ``rtsp://user:password@host/...`` before it reaches a log."""
-    scheme, _, rest = url.partition("://")
-    auth, at, host = rest.partition("@")
-    if at and ":" in auth:
-        return f"{scheme}://{auth.split(':', 1)[0]}:***@{host}"
-    return url
