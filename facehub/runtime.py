@@ -11,16 +11,16 @@ demo read.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections import Counter, deque
 from pathlib import Path
 from typing import Any, Callable
+
+from facehub.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -154,21 +154,8 @@ def percentiles(values) -> dict[str, float]:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Replace ``path`` with ``data`` as JSON so readers never see half a file.
-
-    The temporary file has an unpredictable name and mode 0600 (``mkstemp``), so another
-    local user cannot plant a symlink where it will be written.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(json.dumps(data, sort_keys=True))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Replace ``path`` with ``data`` as JSON so readers never see half a file."""
+    write_atomic(path, json.dumps(data, sort_keys=True).encode())
 
 
 def read_stats(state_dir: str | os.PathLike) -> dict[str, dict[str, Any]]:

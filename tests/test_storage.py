@@ -12,8 +12,8 @@ from paho.mqtt.properties import Properties
 
 from facehub.config import SaverConfig
 from facehub.messages import Face
-from facehub.cloud.storage import (FolderStore, S3Store, face_key, open_store, properties_record,
-                                   write_durably)
+from facehub.cloud.storage import FolderStore, S3Store, face_key, open_store, properties_record
+from facehub.files import write_atomic
 from facehub.dev.servers import list_objects
 
 CAPTURED_MS = 1_709_600_523_004  # 2024-03-05T01:02:03.004Z
@@ -77,7 +77,7 @@ def test_file_url_names_a_folder(tmp_path, jpeg):
 def test_durable_write_leaves_nothing_behind_when_it_fails(tmp_path):
     target = tmp_path / "a" / "face.jpg"
     with pytest.raises(TypeError):
-        write_durably(target, "not bytes")  # type: ignore[arg-type]
+        write_atomic(target, "not bytes", durable=True)  # type: ignore[arg-type]
     assert not target.exists()
     assert list((tmp_path / "a").iterdir()) == []
 

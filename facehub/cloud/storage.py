@@ -33,7 +33,6 @@ import json
 import logging
 import os
 import time
-import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from typing import Any
 import fsspec
 
 from facehub.config import SaverConfig
+from facehub.files import write_atomic
 from facehub.messages import Face
 
 log = logging.getLogger(__name__)
@@ -164,40 +164,9 @@ class FolderStore(Store):
         if target.exists():
             return False
         # The sidecar first: the data file's presence is what marks the face stored.
-        write_durably(self.root / f"{stem}.json", _json_bytes(record))
-        write_durably(target, data)
+        write_atomic(self.root / f"{stem}.json", _json_bytes(record), durable=True)
+        write_atomic(target, data, durable=True)
         return True
-
-
-def write_durably(path: Path, data: bytes) -> None:
-    """Write ``path`` so it is either absent or complete, and on disk when this returns."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable; some FUSE filesystems cannot fsync a folder."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as error:
-        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.ENOSYS):
-            raise
-    finally:
-        os.close(fd)
 
 
 class FsspecStore(Store):
