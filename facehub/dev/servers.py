@@ -24,6 +24,18 @@ from typing import Callable
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
+# How the deployed brokers keep their queues on disk (roles/mosquitto, roles/facehub_edge; docs/pipeline.md,
+# "Broker crashes", says why): a save after every SAVE_EVERY changes (a message queued for an absent
+# consumer, a delivery acknowledged), so a broker that crashes while its consumer is away loses at most
+# that many. The throwaway brokers here save the same way.
+SAVE_EVERY = 60
+PERSISTENCE = f"autosave_on_changes true\nautosave_interval {SAVE_EVERY}\n"
+# The deployed edge broker's queue for the forwarder, capped so that one save stays small (about 50 s of
+# faces at 60 faces/s); beyond it mosquitto drops new faces for the forwarder. Not applied to the
+# throwaway brokers, whose tests and benchmarks queue more on purpose.
+EDGE_QUEUE_BYTES = 32_000_000
+EDGE_QUEUE_CAP = f"max_queued_bytes {EDGE_QUEUE_BYTES}\n"
+
 
 class BrokerError(RuntimeError):
     pass
@@ -123,12 +135,18 @@ class Server:
 
 
 class Mosquitto(Server):
-    """A real mosquitto broker. ``extra`` lines are appended to its configuration."""
+    """A real mosquitto broker. ``extra`` lines are appended to its configuration.
 
-    def __init__(self, workdir: Path, extra: str = "", persistence: bool = True, **kwargs):
+    With ``persistence`` it saves its sessions and queues in its folder, with the
+    deployed autosave policy unless ``autosave`` gives other lines.
+    """
+
+    def __init__(self, workdir: Path, extra: str = "", persistence: bool = True, autosave: str = PERSISTENCE,
+                 **kwargs):
         super().__init__("mosquitto", workdir, **kwargs)
         self.extra = extra
         self.persistence = persistence
+        self.autosave = autosave
         self.conf_path = self.workdir / "mosquitto.conf"
 
     def command(self) -> list[str]:
@@ -146,8 +164,7 @@ class Mosquitto(Server):
         if os.geteuid() == 0:
             lines.append("user root")  # else mosquitto drops to its own user and cannot write here
         if self.persistence:
-            lines += ["persistence true", f"persistence_location {self.workdir}/",
-                      "autosave_interval 1"]
+            lines += ["persistence true", f"persistence_location {self.workdir}/", self.autosave.strip()]
         self.conf_path.write_text("\n".join(lines) + "\n" + self.extra + "\n")
         if not os.path.exists(MOSQUITTO):
             raise BrokerError("mosquitto is not installed: 'make demo' installs Debian's mosquitto, "

@@ -4,12 +4,15 @@
     facehub bench detector [--source PATH] [--threads N] [--rate FPS]
     facehub bench quality  [--faces DIR] [--model YUNET.onnx]
     facehub bench pipeline [--source PATH] [--loops N]
+    facehub bench persistence [--outage SECONDS] [--face-rate N] [--setting LABEL ...]
 
 Every figure is measured in the run that prints it, with the typical
 implementation (``bench/baseline.py``) measured beside FaceHub on the same
 input. ``bench detector`` measures throughput (frames fed flat out) and
 latency at a camera's rate (``--rate``), and ends with ``frames=N faces=N
-fps=X`` for FaceHub on the given source.
+fps=X`` for FaceHub on the given source. ``bench persistence`` kills a broker
+with SIGKILL after its consumer was away for ``--outage`` seconds, for each
+autosave setting, and prints what was lost and what saving cost.
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``facehub bench``, for this module's parser and for the CLI's subparser."""
-    parser.add_argument("what", nargs="?", default="all", choices=("all", "detector", "quality", "pipeline"),
-                        help="the section to run (default: all of them, about 6 minutes)")
+    parser.add_argument("what", nargs="?", default="all", choices=("all", "detector", "quality", "pipeline", "persistence"),
+                        help="the section to run (default: all of them, about 14 minutes)")
     parser.add_argument("--source", help="video file, camera index or URL (default: the built-in clip)")
     parser.add_argument("--threads", type=int, action="append",
                         help="OpenCV threads (repeatable; default: 1 and 2, or the one given)")
@@ -53,6 +56,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="times bench pipeline plays the clip (default: about 30 s of video)")
     parser.add_argument("--rate", type=float, default=30.0,
                         help="camera rate (frames/s) for the latency table (0 = skip it)")
+    parser.add_argument("--outage", type=float, default=20.0,
+                        help="bench persistence: seconds the consumer is away before the broker is killed")
+    parser.add_argument("--face-rate", type=float, default=60.0,
+                        help="bench persistence: faces/s published (10 KB each)")
+    parser.add_argument("--setting", action="append",
+                        help="bench persistence: only this autosave setting (repeatable; default: all)")
 
 
 def main(argv: list[str] | argparse.Namespace | None = None, config_path: str | None = None) -> int:
@@ -75,6 +84,15 @@ def main(argv: list[str] | argparse.Namespace | None = None, config_path: str | 
         bench_quality(config, args)
     if args.what in ("all", "pipeline"):
         bench_pipeline(source, args.loops)
+    if args.what in ("all", "persistence"):
+        from facehub.dev.bench import persistence
+
+        if args.setting and not set(args.setting) <= set(persistence.SETTINGS):
+            print(f"facehub bench: --setting is one of: {', '.join(persistence.SETTINGS)}")
+            return 2
+        persistence.main(seconds=args.outage, rate=args.face_rate, settings=args.setting)
+        if args.what == "persistence":
+            return 0
     if args.what in ("all", "detector"):
         if not args.source:
             bench_crowd(config, args)
