@@ -43,6 +43,7 @@ from facehub.runtime import percentiles
 TOPIC = "faces/bench"
 CONSUMER_ID = "bench-persistence-consumer"
 LAST_SECONDS = 5       # the disk rate at the end of the outage, where the queue is deepest
+SAVES_LOG = "saves.log"
 QUIET = 3.0            # after the restart, the consumer has everything once nothing new came this long
 
 # label -> the autosave lines of mosquitto.conf (persistence itself is always on)
@@ -83,9 +84,9 @@ def write_bytes(pid: int) -> int:
 
 
 def saves(broker: Mosquitto) -> int:
-    """Autosaves the broker logged so far."""
+    """Autosaves the broker logged so far (in its own log file: its stdout is buffered, lost at a kill)."""
     try:
-        return broker.log_path.read_text(errors="replace").count("Saving in-memory database")
+        return (broker.workdir / SAVES_LOG).read_text(errors="replace").count("Saving in-memory database")
     except FileNotFoundError:
         return 0
 
@@ -193,7 +194,8 @@ def measure(setting: str, persistence: str, workdir: Path, seconds: float = 30.0
 
     payload = payload or sample_face(size)
     run = Run(setting, seconds)
-    broker = Mosquitto(workdir, autosave=persistence, extra="log_type information").start()
+    broker = Mosquitto(workdir, autosave=persistence,
+                       extra=f"log_dest file {workdir}/{SAVES_LOG}\nlog_type information").start()
     publisher = consumer = None
     try:
         consumer = Consumer(broker.port)
