@@ -43,4 +43,6 @@ if [ ! -x "$venv/bin/ansible-lint" ] || ! cmp -s "$root/requirements/lint.txt" "
     fi
     cp "$root/requirements/lint.txt" "$venv/.requirements"
 fi
-echo "lint tools in $venv/bin: $("$venv/bin/ansible" --version | head -1), $("$venv/bin/hadolint" --version)"
+# The whole of `ansible --version` read first: cut short by `head`, it dies of a broken pipe.
+ansible_version=$("$venv/bin/ansible" --version)
+echo "lint tools in $venv/bin: ${ansible_version%%$'\n'*}, $("$venv/bin/hadolint" --version)"
