@@ -6,15 +6,22 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 UV_VERSION := 0.13.9
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := mosquitto mosquitto-clients python3-venv iproute2
+# Debian packages the pipeline and `make test` use, recommends left out so that this list
+# is the whole of it (containers/ci/check-install.sh proves it on a bare Debian root):
+# mosquitto + clients (the test brokers, mosquitto_pub), python3-venv (.venv), iproute2
+# (`ip netns` in the chaos test), ca-certificates (pip/uv over HTTPS), git (`git ls-files`
+# in the secrets test). The deployment tools (podman...) are containers/ci/install-deps.sh's.
+APT_PACKAGES := mosquitto mosquitto-clients python3-venv iproute2 ca-certificates git
 
 .PHONY: demo test test-fast test-containers bench lint deploy deploy-edge deploy-cloud deploy-deps \
-        system-deps venv lock clean sample-clip
+        install-deps system-deps venv lock clean sample-clip
 
 demo: system-deps venv            ## run detector -> brokers -> saver on the built-in clip
 	$(PY) -m facehub.cli demo
 
-test: system-deps venv deploy-deps   ## the whole suite (real brokers, S3, OpenCV, chaos, deployment checks)
+install-deps: system-deps venv deploy-deps  ## everything the tests and test-containers need (.ci/run --install-only)
+
+test: install-deps                ## the whole suite (real brokers, S3, OpenCV, chaos, deployment checks)
 	$(PY) -m pytest -q
 
 test-fast: venv                   ## everything but the slow chaos scenario
@@ -26,7 +33,7 @@ bench: system-deps venv           ## speed and quality figures (facehub bench)
 system-deps:                      ## Debian packages the pipeline and tests use
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then echo "installing:$$missing"; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; fi
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; fi
 
 venv: $(VENV)/.installed
 

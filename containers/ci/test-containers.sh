@@ -2,15 +2,18 @@
 # Real containers without a Docker engine: podman (Debian's, rootful) with runc,
 # cgroupfs and host networking, no registry (--pull=never), everything made here:
 #
-#   1. a Debian bookworm minbase root filesystem with python3 (debootstrap), imported
-#      as the base image; a mosquitto image built on it (stand-in for eclipse-mosquitto);
+#   1. a Debian bookworm minbase root filesystem (debootstrap, debian-root.sh), imported
+#      and given python3 as the base image; a mosquitto image built on it (stand-in for
+#      eclipse-mosquitto);
 #   2. the real containers/Dockerfile built on that base; `facehub` checked in it;
 #   3. the cloud play (ansible/cloud.yml: mosquitto + facehub_cloud roles) run against
 #      podman's Docker-compatible API (podman system service), TLS broker and savers;
 #   4. the edge manifests rendered by the facehub_edge role (ansible/edge.yml) and run
 #      with `podman kube play`: the local broker and the FaceHub edge pod;
 #   5. faces detected at the edge, forwarded over TLS with the device's credentials,
-#      stored by the containerised saver: the run passes when they are on disk.
+#      stored by the containerised saver: the run passes when they are on disk;
+#   6. the install on a pristine machine: `.ci/run --install-only` in a chroot of the same
+#      minbase root gives every tool the tests and this test use (check-install.sh).
 #
 # All state (podman storage, images, the API socket, configs, faces) lives in one
 # temporary folder, removed at the end. Needs root, podman, runc, debootstrap
@@ -18,8 +21,9 @@
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
+# shellcheck source=containers/ci/debian-root.sh
+. "$root/containers/ci/debian-root.sh"  # minbase_tarball, shared with check-install.sh
 venv=${FACEHUB_LINT_VENV:-/tmp/lintvenv}
-mirror=${FACEHUB_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 shared=${FACEHUB_SHARED:-$root/../shared}
 keep=${FACEHUB_KEEP_WORK:-}
 device=ci-edge-1
@@ -51,7 +55,7 @@ poll() {
 }
 
 [ "$(id -u)" = 0 ] || fail "run as root (rootful podman with runc and cgroupfs)"
-for tool in podman runc debootstrap openssl; do
+for tool in podman runc catatonit debootstrap openssl pgrep; do
     command -v "$tool" >/dev/null || fail "$tool is missing: run containers/ci/install-deps.sh"
 done
 [ -x "$venv/bin/ansible-playbook" ] || fail "no Ansible in $venv: run containers/ci/install-deps.sh"
@@ -122,24 +126,6 @@ podman info --format '{{.Host.OCIRuntime.Name}} {{.Host.CgroupManager}} {{.Store
     grep -q "^runc cgroupfs $work/storage" || fail "podman does not use runc/cgroupfs/$work"
 say "podman $(podman version --format '{{.Client.Version}}') with runc, cgroupfs, storage in $work"
 
-# 1. Base image: Debian minbase with python3, from the Debian archive.
-t0=$(date +%s)
-rootfs_tar=${FACEHUB_CI_ROOTFS_TAR:-}  # a developer's shortcut: reuse a rootfs tarball
-if [ -n "$rootfs_tar" ] && [ -f "$rootfs_tar" ]; then
-    say "reusing the root filesystem in $rootfs_tar"
-else
-    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
-        bookworm "$work/rootfs" "$mirror" > "$work/debootstrap.log" 2>&1 ||
-        { tail -20 "$work/debootstrap.log"; fail "debootstrap"; }
-    [ -n "$rootfs_tar" ] && tar -C "$work/rootfs" -cf "$rootfs_tar" .
-    rootfs_tar=""
-fi
-if [ -n "$rootfs_tar" ]; then cat "$rootfs_tar"; else tar -C "$work/rootfs" -c .; fi | podman import \
-    --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
-    --change 'CMD ["/bin/bash"]' - localhost/facehub-ci-base:bookworm >/dev/null
-rm -rf "$work/rootfs"
-say "base image made in $(( $(date +%s) - t0 ))s"
-
 build() {  # build TAG FILE [args]: podman build with the host's CA bundle for pip
     local tag=$1 file=$2
     shift 2
@@ -152,6 +138,17 @@ build() {  # build TAG FILE [args]: podman build with the host's CA bundle for p
         "${extra[@]}" "$@" -f "$file" -t "$tag" "$root" > "$work/build-${tag##*/}.log" 2>&1 ||
         { tail -30 "$work/build-${tag##*/}.log"; fail "build of $file"; }
 }
+
+# 1. Base image: Debian minbase, from the Debian archive, with python3. The minbase
+#    tarball is kept for step 6, which starts a pristine machine from it.
+t0=$(date +%s)
+minbase_tar=${FACEHUB_CI_MINBASE_TAR:-$work/minbase.tar}  # a developer's shortcut: keep it across runs
+[ -s "$minbase_tar" ] && say "reusing the minbase root in $minbase_tar"
+minbase_tarball "$minbase_tar" "$work/debootstrap.log" || fail "debootstrap"
+podman import --quiet --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
+    --change 'CMD ["/bin/bash"]' "$minbase_tar" localhost/facehub-ci-minbase:bookworm >/dev/null
+build localhost/facehub-ci-base:bookworm "$root/containers/ci/base.Containerfile"
+say "base image made in $(( $(date +%s) - t0 ))s"
 
 # 2. The FaceHub image from the real Dockerfile, and the broker image.
 t0=$(date +%s)
@@ -317,4 +314,18 @@ say "first face stored $(( $(date +%s) - t0 ))s after the edge was healthy: ${st
 check "the stored face is under the device's folder" grep -q "^$work/faces/$device/" <<<"$stored"
 check "the stored face is a JPEG" test "$(head -c 3 "$stored" | od -An -tx1 | tr -d ' ')" = ffd8ff
 check "the saver is still healthy" podman exec facehub-saver facehub health
-say "faces stored: $(find "$work/faces" -name '*.jpg' | wc -l); total $(( $(date +%s) - started ))s; image build ${build_seconds}s"
+say "faces stored: $(find "$work/faces" -name '*.jpg' | wc -l); image build ${build_seconds}s"
+
+# 6. A pristine machine: the same minbase root in a chroot, `.ci/run --install-only` there,
+#    then every tool looked for. Its last line says ok or names what is missing. The
+#    containers are done with: stopped first, as the edge detector would keep a CPU busy.
+# (their complaints about systemd health check timers are noise: there is no systemd here)
+podman pod rm -f -a -t 5 >/dev/null 2>&1 || true
+podman rm -f -a -t 5 >/dev/null 2>&1 || true
+t0=$(date +%s)
+bash "$root/containers/ci/check-install.sh" "$minbase_tar" > "$work/check-install.log" 2>&1 &&
+    install_rc=0 || install_rc=$?
+[ "$install_rc" = 0 ] || tail -40 "$work/check-install.log" | sed 's/^/    /'
+say "install check ran in $(( $(date +%s) - t0 ))s"
+check "$(tail -1 "$work/check-install.log" | sed -E 's/^check-install: (ok: |FAILED: )?//')" test "$install_rc" = 0
+say "total $(( $(date +%s) - started ))s"
