@@ -10,8 +10,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # is the whole of it (containers/ci/check-install.sh proves it on a bare Debian root):
 # mosquitto + clients (the test brokers, mosquitto_pub), python3-venv (.venv), iproute2
 # (`ip netns` in the chaos test), ca-certificates (pip/uv over HTTPS), git (`git ls-files`
-# in the secrets test). The deployment tools (podman...) are containers/ci/install-deps.sh's.
-APT_PACKAGES := mosquitto mosquitto-clients python3-venv iproute2 ca-certificates git
+# in the secrets test), chromium + chromium-driver (the console's browser tests, through Selenium).
+# The deployment tools (podman...) are containers/ci/install-deps.sh's.
+APT_PACKAGES := mosquitto mosquitto-clients python3-venv iproute2 ca-certificates git chromium chromium-driver
 
 .PHONY: demo test test-fast test-containers bench lint deploy deploy-edge deploy-cloud deploy-deps \
         install-deps system-deps venv lock clean sample-clip

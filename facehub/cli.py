@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                   "Run the role's components as supervised child processes: restarted when they crash, "
                   "stopped cleanly on SIGTERM; health in <supervisor.state_dir>, /metrics on metrics.port.")
     run.add_argument("role", choices=("edge", "cloud"),
-                     help="edge: forwarder, logger and detector; cloud: saver.instances savers")
+                     help="edge: forwarder, logger and detector; cloud: saver.instances savers (and the console "
+                          "when console.enabled, retention when retention.days)")
     run.add_argument("--daemon", action="store_true",
                      help="detach into the background, for init systems that do not supervise; under systemd "
                           "(Type=notify), K3s or Docker run in the foreground instead")
@@ -60,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "to tune a camera setup.")
     detect.add_argument("images", nargs="+", help="image files (JPEG, PNG...)")
 
+    from facehub.cloud.console import cli as console  # light: the server's imports happen when it runs
+
+    console.add_arguments(command("console", "the web console: gallery, fleet, quarantine, retention",
+                                  console.__doc__))
     from facehub.dev import bench, demo  # light modules: their heavy imports happen when they run
 
     bench.add_arguments(command("bench", "measure speed and quality (needs the 'bench' extra for pipeline)",
@@ -81,6 +86,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from facehub.dev import demo
         return demo.main(args, config_path=args.config)
+    if args.command == "console" and args.action == "hash-password":
+        from facehub.cloud.console import cli as console
+        return console.hash_password()
     try:
         config = load(args.config)
     except ConfigError as error:
@@ -91,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "config":
         print(json.dumps(config.to_dict(mask_secrets=True), indent=2, sort_keys=True))
         return 0
+    if args.command == "console":
+        from facehub.cloud.console import cli as console
+        return console.main(args, config)
     if args.command == "health":
         from facehub.process import health
         return health.main(config, as_json=args.json)

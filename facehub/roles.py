@@ -18,6 +18,8 @@ COMPONENTS = {
     "forwarder": "facehub.edge.forwarder:run",
     "logger": "facehub.edge.face_logger:run",
     "saver": "facehub.cloud.saver:run",
+    "console": "facehub.cloud.console.app:run",
+    "retention": "facehub.cloud.console.retention:run",
 }
 ROLES = ("edge", "cloud")
 # Gauges the supervisor adds up across children for its one-line summary.
@@ -37,7 +39,12 @@ def role_specs(config: Config, role: str) -> list[ChildSpec]:
                 ChildSpec("detector", COMPONENTS["detector"], after=("forwarder", "edge_subscribed"))]
     if role == "cloud":
         count = config.saver.instances
-        return [ChildSpec(f"saver-{i}", COMPONENTS["saver"]) for i in range(1, count + 1)]
+        specs = [ChildSpec(f"saver-{i}", COMPONENTS["saver"]) for i in range(1, count + 1)]
+        if config.console.enabled:
+            specs.append(ChildSpec("console", COMPONENTS["console"]))
+        if config.retention.days:
+            specs.append(ChildSpec("retention", COMPONENTS["retention"]))
+        return specs
     raise ValueError(f"unknown role {role!r}")
 
 

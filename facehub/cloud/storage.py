@@ -150,6 +150,32 @@ class Store:
     def describe(self) -> str:
         return self.url
 
+    # -- reading, for the console: keys are relative to the store's prefix, '/'-separated --------
+
+    def list_dir(self, prefix: str, start_after: str = "") -> tuple[list[str], list[str]]:
+        """(folders, files) right under ``prefix`` ("" = the top), names only, sorted; files
+        whose name sorts after ``start_after`` only. One folder's listing, never a whole tree."""
+        raise NotImplementedError
+
+    def read(self, key: str) -> bytes:
+        raise NotImplementedError
+
+    def read_record(self, stem: str) -> dict[str, Any]:
+        """The sidecar JSON ``<stem>.json`` (a face's metadata in folders, a quarantine record)."""
+        return json.loads(self.read(f"{stem}.json"))
+
+    def read_metadata(self, key: str) -> dict[str, str]:
+        """A stored face's metadata (``device``, ``face-id``, ``captured-ms``, ``box``...)."""
+        return self.read_record(key.rsplit(".", 1)[0])
+
+    def delete(self, keys: list[str]) -> int:
+        """Delete faces (with their sidecars); returns how many of ``keys`` were there."""
+        raise NotImplementedError
+
+    def delete_tree(self, prefix: str) -> None:
+        """Delete everything under the folder ``prefix`` (a day folder, for retention)."""
+        raise NotImplementedError
+
 
 class FolderStore(Store):
     """A local folder (or a FUSE mount such as s3fs-fuse), written durably."""
@@ -167,6 +193,56 @@ class FolderStore(Store):
         write_atomic(self.root / f"{stem}.json", _json_bytes(record), durable=True)
         write_atomic(target, data, durable=True)
         return True
+
+    def list_dir(self, prefix: str, start_after: str = "") -> tuple[list[str], list[str]]:
+        folders, files = [], []
+        try:
+            with os.scandir(self.root / prefix if prefix else self.root) as entries:
+                for entry in entries:
+                    if entry.name.startswith("."):  # temporary files of writes in progress
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        folders.append(entry.name)
+                    elif entry.name > start_after:
+                        files.append(entry.name)
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        return sorted(folders), sorted(files)
+
+    def changed_ns(self, prefix: str) -> int:
+        """The folder's modification time (ns; 0 when absent): a listing is current while it stays the same."""
+        try:
+            return os.stat(self.root / prefix).st_mtime_ns
+        except OSError:
+            return 0
+
+    def read(self, key: str) -> bytes:
+        return (self.root / _safe_relative(key)).read_bytes()
+
+    def delete(self, keys: list[str]) -> int:
+        removed = 0
+        for key in keys:
+            path = self.root / _safe_relative(key)
+            try:
+                path.unlink()
+                removed += 1
+            except FileNotFoundError:
+                pass
+            path.with_suffix(".json").unlink(missing_ok=True)
+        return removed
+
+    def delete_tree(self, prefix: str) -> None:
+        import shutil
+
+        shutil.rmtree(self.root / _safe_relative(prefix), ignore_errors=False)
+
+
+def _safe_relative(key: str) -> str:
+    """``key`` if it is a plain relative key (no '..', no absolute path), else ValueError."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(part in ("", ".", "..") for part in parts):
+        raise ValueError(f"not a store key: {key[:200]!r}")
+    return key
 
 
 class FsspecStore(Store):
@@ -196,6 +272,36 @@ class FsspecStore(Store):
         self.fs.pipe_file(self._path(f"{stem}.json"), _json_bytes(record))
         self.fs.pipe_file(target, data)
         return True
+
+    def list_dir(self, prefix: str, start_after: str = "") -> tuple[list[str], list[str]]:
+        base = self._path(prefix).rstrip("/")
+        try:
+            entries = self.fs.ls(base, detail=True, refresh=True)
+        except FileNotFoundError:
+            return [], []
+        folders, files = [], []
+        for entry in entries:
+            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            if entry["type"] == "directory":
+                folders.append(name)
+            elif name > start_after and not name.startswith("."):
+                files.append(name)
+        return sorted(folders), sorted(files)
+
+    def read(self, key: str) -> bytes:
+        return self.fs.cat_file(self._path(_safe_relative(key)))
+
+    def delete(self, keys: list[str]) -> int:
+        present = [key for key in keys if self._exists(self._path(_safe_relative(key)))]
+        paths = [self._path(key) for key in present]
+        sidecars = [self._path(key.rsplit(".", 1)[0] + ".json") for key in present]
+        existing_sidecars = [path for path in sidecars if self._exists(path)]
+        if paths or existing_sidecars:
+            self.fs.rm(paths + existing_sidecars)
+        return len(present)
+
+    def delete_tree(self, prefix: str) -> None:
+        self.fs.rm(self._path(_safe_relative(prefix)), recursive=True)
 
 
 class S3Store(FsspecStore):
@@ -252,6 +358,53 @@ class S3Store(FsspecStore):
             return False
         self.fs.pipe_file(path, data, **extra)
         return True
+
+    @property
+    def bucket(self) -> str:
+        return self.root.split("/", 1)[0]
+
+    def _key(self, relative: str) -> str:
+        """The S3 object key (without the bucket) of a store key."""
+        path = self._path(relative)
+        return path.split("/", 1)[1] if "/" in path else ""
+
+    def list_dir(self, prefix: str, start_after: str = "") -> tuple[list[str], list[str]]:
+        """One folder's listing straight from ListObjectsV2 (delimiter '/'), no listing cache,
+        starting after ``start_after`` when given, so a folder that grows is re-read cheaply."""
+        key_prefix = self._key(prefix)
+        key_prefix = f"{key_prefix.rstrip('/')}/" if key_prefix else ""
+        folders, files = [], []
+        request: dict[str, Any] = {"Bucket": self.bucket, "Prefix": key_prefix, "Delimiter": "/"}
+        if start_after:
+            request["StartAfter"] = key_prefix + start_after
+        while True:
+            page = self.fs.call_s3("list_objects_v2", **request)
+            folders += [item["Prefix"][len(key_prefix):].rstrip("/") for item in page.get("CommonPrefixes", [])]
+            files += [item["Key"][len(key_prefix):] for item in page.get("Contents", [])]
+            if not page.get("IsTruncated"):
+                break
+            request["ContinuationToken"] = page["NextContinuationToken"]
+        return sorted(folders), sorted(name for name in files if name and not name.startswith("."))
+
+    def read_metadata(self, key: str) -> dict[str, str]:
+        return self.fs.metadata(self._path(_safe_relative(key)))
+
+    def delete(self, keys: list[str]) -> int:
+        """Faces on S3 have no sidecar: one DeleteObjects per 1,000 keys. The count is of the keys
+        deleted without error (S3 does not say whether a key was there; one key alone is checked)."""
+        keys = [_safe_relative(key) for key in keys]
+        if len(keys) == 1 and not self._exists(self._path(keys[0])):
+            return 0
+        removed = 0
+        for start in range(0, len(keys), 1000):
+            batch = keys[start:start + 1000]
+            answer = self.fs.call_s3("delete_objects", Bucket=self.bucket,
+                                     Delete={"Objects": [{"Key": self._key(key)} for key in batch], "Quiet": True})
+            errors = answer.get("Errors", [])
+            for error in errors[:3]:
+                log.warning("cannot delete %s: %s", error.get("Key"), error.get("Message"))
+            removed += len(batch) - len(errors)
+        return removed
 
 
 def _json_bytes(record: dict[str, Any]) -> bytes:

@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 # keys whose whole value is secret (saver.key is an access key id: not a password, but no business of a log)
-SECRET_KEYS = {"password", "secret", "key_secret", "secret_access_key", "key"}
+SECRET_KEYS = {"password", "secret", "key_secret", "secret_access_key", "key", "password_hash",
+               "admin_password_hash"}
 MASK = "********"
 SESSION_NEVER_EXPIRES = 0xFFFFFFFF  # MQTT v5: the broker keeps the session until the client ends it
 SEARCH_MODES = ("auto", "background", "inline")
@@ -253,6 +254,81 @@ class MetricsConfig:
 
 
 @dataclass
+class ConsoleConfig:
+    """The web console (``facehub console``, or a child of ``facehub run cloud`` when ``enabled``):
+    gallery, fleet and quarantine of the store in ``saver.url``; see docs/console.md.
+
+    Two accounts: ``user`` may look, ``admin_user`` may also delete faces and see the
+    quarantine; a password hash comes from ``facehub console hash-password``, an empty one
+    turns the account off. Behind a reverse proxy that logs people in, ``proxy_user_header``
+    names the header carrying the user name, honoured only from ``trusted_proxy``.
+    """
+
+    enabled: bool = False  # run the console as a child of `facehub run cloud`
+    host: str = "127.0.0.1"  # address to listen on (0.0.0.0 only behind TLS: a proxy, or tls_cert)
+    port: int = 8443  # port to listen on
+    tls_cert: str = ""  # server certificate (PEM, chain first) to serve HTTPS; empty: plain HTTP for a proxy
+    tls_key: str = ""  # its private key
+    user: str = "viewer"  # name of the account that sees the gallery and the fleet
+    password_hash: str = ""  # its password hash (facehub console hash-password); empty: no such account
+    admin_user: str = "admin"  # name of the account that may also delete faces and see the quarantine
+    admin_password_hash: str = ""  # its password hash; empty: no such account
+    proxy_user_header: str = ""  # header with the user name set by a trusted reverse proxy (e.g. X-Forwarded-User)
+    proxy_admins: str = ""  # comma-separated user names from the proxy header that are admins
+    trusted_proxy: str = ""  # address of the reverse proxy: its user header and X-Forwarded-For are believed
+    secure_cookies: bool = True  # session cookie only over HTTPS (turn off only for plain-HTTP tests)
+    session_hours: float = 12.0  # a login lasts this long
+    login_attempts: int = 5  # wrong passwords one client address may try per login_window
+    login_window: float = 300.0  # seconds over which wrong passwords are counted
+    page_size: int = 60  # faces per gallery page
+    poll_interval: float = 1.0  # seconds between looks for new faces (live gallery, fleet)
+    offline_after: float = 600.0  # without availability messages, a device is offline after this long without a face
+    status_prefix: str = "facehub"  # devices' retained <prefix>/<device>/availability and /stats topics
+
+    def validate(self, section: str = "console") -> None:
+        _check(0 < self.port < 65536, f"{section}.port", "must be 1..65535")
+        _check(bool(self.tls_cert) == bool(self.tls_key), f"{section}.tls_cert", "tls_cert and tls_key go together")
+        for key in ("tls_cert", "tls_key"):
+            path = getattr(self, key)
+            _check(not path or Path(path).is_file(), f"{section}.{key}", f"file not found: {path}")
+        for key in ("password_hash", "admin_password_hash"):
+            value = getattr(self, key)
+            _check(not value or value.startswith("scrypt:") and value.count(":") == 5, f"{section}.{key}",
+                   "must be made by `facehub console hash-password` (scrypt:...)")
+        _check(self.user != self.admin_user, f"{section}.user", "must differ from admin_user")
+        _check(not self.enabled or bool(self.password_hash or self.admin_password_hash or self.proxy_user_header),
+               f"{section}.password_hash", "the console needs an account: set password_hash or admin_password_hash "
+               "(facehub console hash-password), or proxy_user_header")
+        _check(not self.proxy_user_header or bool(self.trusted_proxy), f"{section}.trusted_proxy",
+               "must be set with proxy_user_header (the header is believed only from that address)")
+        _check(self.session_hours > 0, f"{section}.session_hours", "must be > 0")
+        _check(self.login_attempts >= 1, f"{section}.login_attempts", "must be >= 1")
+        _check(self.login_window > 0, f"{section}.login_window", "must be > 0")
+        _check(1 <= self.page_size <= 500, f"{section}.page_size", "must be 1..500")
+        _check(self.poll_interval > 0, f"{section}.poll_interval", "must be > 0")
+        _check(self.offline_after > 0, f"{section}.offline_after", "must be > 0")
+        _check(bool(self.status_prefix) and not any(c in self.status_prefix for c in "#+"),
+               f"{section}.status_prefix", "must be a topic prefix without wildcards")
+
+
+@dataclass
+class RetentionConfig:
+    """How long the store in ``saver.url`` keeps faces and quarantined messages (0 = for ever).
+
+    On S3 a lifecycle rule of the bucket expires them (set by ``facehub console apply-retention``
+    and by the retention child of ``facehub run cloud``); in a folder that child deletes day
+    folders older than the limit every ``sweep_interval``.
+    """
+
+    days: int = 0  # days a face is kept after the day it was captured (0 = keep for ever)
+    sweep_interval: float = 3600.0  # seconds between two sweeps of a folder store (and checks of the S3 rule)
+
+    def validate(self, section: str = "retention") -> None:
+        _check(0 <= self.days <= 36500, f"{section}.days", "must be 0 (keep for ever) or 1..36500")
+        _check(self.sweep_interval > 0, f"{section}.sweep_interval", "must be > 0")
+
+
+@dataclass
 class Config:
     """The whole effective configuration of one FaceHub process tree."""
 
@@ -269,6 +345,8 @@ class Config:
     saver: SaverConfig = field(default_factory=SaverConfig)
     supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
     @property
     def topic(self) -> str:
@@ -296,6 +374,8 @@ class Config:
         self.saver.validate()
         self.supervisor.validate()
         self.metrics.validate()
+        self.console.validate()
+        self.retention.validate()
         return self
 
     def to_dict(self, mask_secrets: bool = True) -> dict[str, Any]:
