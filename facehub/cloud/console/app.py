@@ -57,7 +57,7 @@ SECURITY_HEADERS = {
     "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
-SESSION_KEY = web.AppKey("session", object)
+SESSION_KEY = web.RequestKey("session", object)
 
 
 class Console:
