@@ -38,9 +38,10 @@ function liveGallery(gallery, events) {
     img.alt = `face ${face.face_id} from ${face.device}`;
     const caption = document.createElement("span");
     caption.className = "caption";
+    caption.title = face.captured;
     const name = document.createElement("b");
     name.textContent = face.device;
-    caption.append(name, " " + face.captured.slice(0, 19));
+    caption.append(name, " " + face.captured.slice(5, 19));
     tile.append(img, caption);
     // newest first: before the first tile that is older
     const older = [...gallery.children].find((other) => other.dataset.key && keyTime(other.dataset.key) < keyTime(face.key));
