@@ -9,6 +9,7 @@ an admin; deletions are audited in one log line; the quarantine is for admins on
 from __future__ import annotations
 
 import logging
+import http.client
 import time
 
 import pytest
@@ -160,3 +161,37 @@ def test_trusted_proxy_header(tmp_path):
                             trusted_proxy="192.0.2.1")
     with ConsoleThread(config) as console:  # the header from anyone else is ignored
         assert Client(console.url).get("/", headers={"X-Forwarded-User": "dave"}).status == 303
+
+
+def test_https_with_the_brokers_ca(tmp_path):
+    """containers/mosquitto/make-cloud-config.sh signs the console's certificate with the broker's CA:
+    the console serves HTTPS with it, a client that trusts that CA connects, `facehub console ping` passes."""
+    import os
+    import ssl
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "cloud-config"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    made = subprocess.run(["bash", str(root / "containers/mosquitto/make-cloud-config.sh"), str(out), "localhost",
+                           "cam-1"], env=env, capture_output=True, text=True, timeout=120)
+    assert made.returncode == 0, made.stderr
+    config = console_config(str(tmp_path / "faces"), tmp_path, secure_cookies=True,
+                            tls_cert=str(out / "console" / "console.crt"),
+                            tls_key=str(out / "console" / "console.key"))
+    with ConsoleThread(config):
+        context = ssl.create_default_context(cafile=str(out / "mosquitto" / "tls" / "ca.crt"))
+        with urllib.request.urlopen(f"https://localhost:{config.console.port}/healthz", context=context,
+                                    timeout=10) as answer:
+            assert answer.status == 200
+        with pytest.raises((OSError, http.client.HTTPException)):  # plain HTTP is not served
+            urllib.request.urlopen(f"http://127.0.0.1:{config.console.port}/healthz", timeout=10)
+        ping = subprocess.run([sys.executable, "-m", "facehub.cli", "console", "ping"], cwd=root, timeout=60,
+                              capture_output=True, text=True,
+                              env={**os.environ, "FACEHUB_CONSOLE_PORT": str(config.console.port),
+                                   "FACEHUB_CONSOLE_TLS_CERT": config.console.tls_cert,
+                                   "FACEHUB_CONSOLE_TLS_KEY": config.console.tls_key})
+        assert ping.returncode == 0, ping.stdout + ping.stderr

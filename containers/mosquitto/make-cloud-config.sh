@@ -32,6 +32,14 @@ openssl x509 -req -in "$config/tls/server.csr" -CA "$config/tls/ca.crt" -CAkey "
     -CAserial "$private/ca.srl" -CAcreateserial -out "$config/tls/server.crt" -days 825 \
     -extfile <(printf 'subjectAltName=DNS:%s,DNS:mosquitto,DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' "$server")
 rm -f "$config/tls/server.csr"
+# The web console's HTTPS certificate, signed by the same CA (compose.yaml mounts $out/console).
+mkdir -p "$out/console"
+openssl req -new -nodes -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 \
+    -keyout "$out/console/console.key" -out "$out/console/console.csr" -subj "/CN=$server"
+openssl x509 -req -in "$out/console/console.csr" -CA "$config/tls/ca.crt" -CAkey "$private/ca.key" \
+    -CAserial "$private/ca.srl" -out "$out/console/console.crt" -days 825 \
+    -extfile <(printf 'subjectAltName=DNS:%s,DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' "$server")
+rm -f "$out/console/console.csr"
 
 passwords="{"
 for user in saver "$@"; do
@@ -45,7 +53,9 @@ python3 "$here/../ci/render.py" mosquitto "$config" -t mosquitto.conf -t acl -t 
     -e "mosquitto_devices=[${devices%,}]" -e "mosquitto_passwords=$passwords" >/dev/null
 chmod 0644 "$config/tls/ca.crt" "$config/tls/server.crt" "$config/mosquitto.conf"
 # The broker runs as uid 1883 (the eclipse-mosquitto image's user).
+chmod 0644 "$out/console/console.crt"
 if [ "$(id -u)" = 0 ]; then
     chown -R 1883:1883 "$config"
+    chown -R 10001:10001 "$out/console"   # the FaceHub image's user (containers/Dockerfile)
 fi
 echo "broker files in $config; the saver's password goes into containers/.env as FACEHUB_SAVER_PASSWORD" >&2

@@ -5,6 +5,7 @@
     facehub bench quality  [--faces DIR] [--model YUNET.onnx]
     facehub bench pipeline [--source PATH] [--loops N]
     facehub bench persistence [--outage SECONDS] [--face-rate N] [--setting LABEL ...]
+    facehub bench console  [--console-faces N] [--console-s3-faces N]
 
 Every figure is measured in the run that prints it, with the typical
 implementation (``bench/baseline.py``) measured beside FaceHub on the same
@@ -41,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``facehub bench``, for this module's parser and for the CLI's subparser."""
-    parser.add_argument("what", nargs="?", default="all", choices=("all", "detector", "quality", "pipeline", "persistence"),
-                        help="the section to run (default: all of them, about 14 minutes)")
+    parser.add_argument("what", nargs="?", default="all",
+                        choices=("all", "detector", "quality", "pipeline", "persistence", "console"),
+                        help="the section to run (default: all of them, about 20 minutes)")
     parser.add_argument("--source", help="video file, camera index or URL (default: the built-in clip)")
     parser.add_argument("--threads", type=int, action="append",
                         help="OpenCV threads (repeatable; default: 1 and 2, or the one given)")
@@ -54,6 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-publish", action="store_true", help="time detection without a broker")
     parser.add_argument("--loops", type=int,
                         help="times bench pipeline plays the clip (default: about 30 s of video)")
+    parser.add_argument("--console-faces", type=int, default=100_000,
+                        help="faces in the folder store of bench console (default 100000)")
+    parser.add_argument("--console-s3-faces", type=int, default=10_000,
+                        help="faces in moto's S3 for bench console (default 10000; 0 = skip S3)")
     parser.add_argument("--rate", type=float, default=30.0,
                         help="camera rate (frames/s) for the latency table (0 = skip it)")
     parser.add_argument("--outage", type=float, default=20.0,
@@ -74,9 +80,9 @@ def main(argv: list[str] | argparse.Namespace | None = None, config_path: str | 
     from facehub.edge.detection import SAMPLE_CLIP
 
     source = args.source or str(SAMPLE_CLIP)
-    if args.what in ("all", "pipeline"):
+    if args.what in ("all", "pipeline", "console"):
         try:
-            require_extra("moto", "boto3")  # the pipeline section stores into moto's S3 server
+            require_extra("moto", "boto3")  # the pipeline and console sections store into moto's S3 server
         except MissingExtra as error:
             print(f"facehub bench pipeline {error}")
             return 2
@@ -84,6 +90,8 @@ def main(argv: list[str] | argparse.Namespace | None = None, config_path: str | 
         bench_quality(config, args)
     if args.what in ("all", "pipeline"):
         bench_pipeline(source, args.loops)
+    if args.what in ("all", "console"):
+        bench_console(args.console_faces, args.console_s3_faces)
     if args.what in ("all", "persistence"):
         from facehub.dev.bench import persistence
 
@@ -205,6 +213,18 @@ def short_name(row: str) -> str:
     """'facehub: yunet' -> 'yunet', 'typical: Haar ...' -> 'typical'."""
     kind, _, detail = row.partition(": ")
     return kind if kind == "typical" else detail.split(" ")[0]
+
+
+def bench_console(folder_faces: int, s3_faces: int) -> None:
+    from facehub.dev.bench import console
+
+    rows = console.run(folder_faces, s3_faces)
+    print(f"\n## Console gallery ({os.cpu_count()} cores; whole HTTP requests of the gallery's HTML, "
+          f"{console.REPEATS} repeats)\n")
+    print(console.table(rows))
+    for row in rows:
+        print(f"console {row['store']}: faces={row['faces']} first_page_ms={row['warm']:.1f} "
+              f"cold_ms={row['cold']:.0f} page{row['page']}_ms={row['deep']:.1f} tiles={row['tiles']}")
 
 
 def bench_pipeline(source: str, loops: int | None = None) -> None:
