@@ -36,7 +36,7 @@ from aiohttp import web
 
 from facehub.cloud.console import auth
 from facehub.cloud.console.fleet import FleetWatch, ago, fleet_rows, sparkline
-from facehub.cloud.console.gallery import FaceRef, Gallery, iso, parse_range
+from facehub.cloud.console.gallery import WARM_EVERY, FaceRef, Gallery, iso, parse_range
 from facehub.cloud.storage import open_store
 from facehub.config import Config
 from facehub.runtime import Runtime
@@ -439,10 +439,13 @@ class Console:
     async def _poll_store(self) -> None:
         """Look for new faces every ``poll_interval``; each one becomes a ``face`` event."""
         known: dict = {}
-        prime = True
+        prime, warmed = True, 0.0
         while not self.closing.is_set():
             started = time.perf_counter()
             try:
+                if time.monotonic() - warmed >= WARM_EVERY:
+                    warmed = time.monotonic()
+                    await self.blocking(self.gallery.warm, self.settings.page_size)
                 new = await self.blocking(self.gallery.poll, known, prime)
                 prime = False
                 for ref in new[-200:]:

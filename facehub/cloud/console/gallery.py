@@ -34,7 +34,8 @@ NAME = re.compile(r"^(?P<h>\d\d)(?P<m>\d\d)(?P<s>\d\d)\.(?P<ms>\d{3})-(?P<id>[A-
 DAY = re.compile(r"^\d{4}/\d\d/\d\d$")
 RECENT_TTL = 2.0  # seconds a listing of today or yesterday is trusted without looking (S3)
 OLD_TTL = 300.0  # seconds a listing of an older day, or a list of folders, is trusted (S3)
-FOLDERS_TTL = 30.0  # seconds a list of year/month/day folders is trusted
+FOLDERS_TTL = 120.0  # seconds a list of year/month/day folders is trusted (the newest are re-read by warm())
+WARM_EVERY = 15.0  # seconds between two warm() rounds of the poller
 FULL_RELIST = 60.0  # seconds between complete re-reads of a recent day on S3
 METADATA_CACHE = 5000
 TRACK_WINDOW_MS = 10 * 60 * 1000  # crops of one track are looked for within 10 minutes of a face
@@ -330,6 +331,19 @@ class Gallery:
         removed = sum(self.delete_day(device, day) for day in self.days(device))
         self.forget(device)
         return removed
+
+    def warm(self, size: int) -> None:
+        """Re-read each device's newest year, month and day folder lists and make the first page, so a
+        request finds them cached: run by the poller at start and every ``WARM_EVERY`` seconds."""
+        def one(device: str) -> None:
+            years = self._subfolders(device, ttl=0)
+            if years:
+                months = self._subfolders(f"{device}/{max(years)}", ttl=0)
+                if months:
+                    self._subfolders(f"{device}/{max(years)}/{max(months)}", ttl=0)
+
+        list(self._pool.map(one, self.devices(ttl=0)))
+        self.page(size=size)
 
     # -- the live view ------------------------------------------------------------------------
 
