@@ -110,7 +110,7 @@ def test_new_faces_are_reported_once(store):
     added = [face("cam-a", now - 5), face("cam-new", now - 3)]
     for item in added:
         store.put_face(item)
-    # S3 listings of today are trusted for RECENT_TTL: poll until they are re-read
+    # the poller re-reads every time; its deadline only bounds a slow store
     seen: list[FaceRef] = []
     deadline = time.monotonic() + 20
     while len(seen) < 2 and time.monotonic() < deadline:

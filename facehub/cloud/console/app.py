@@ -68,7 +68,7 @@ class Console:
         self.settings = config.console
         self.runtime = runtime or Runtime("console")
         self.store = open_store(config.saver)
-        self.gallery = Gallery(self.store)
+        self.gallery = Gallery(self.store, recent_ttl=max(5.0, 5 * self.settings.poll_interval))
         self.accounts = auth.Accounts(self.settings)
         self.sessions = auth.Sessions(self.settings.session_hours)
         self.limiter = auth.LoginLimiter(self.settings.login_attempts, self.settings.login_window)

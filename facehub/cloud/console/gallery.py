@@ -32,8 +32,8 @@ from facehub.cloud.storage import FolderStore, Store
 NAME = re.compile(r"^(?P<h>\d\d)(?P<m>\d\d)(?P<s>\d\d)\.(?P<ms>\d{3})-(?P<id>[A-Za-z0-9][A-Za-z0-9._-]*)"
                   r"\.(?P<ext>jpg|png|webp)$")
 DAY = re.compile(r"^\d{4}/\d\d/\d\d$")
-RECENT_TTL = 2.0  # seconds a listing of today or yesterday is trusted without looking (S3)
-OLD_TTL = 300.0  # seconds a listing of an older day, or a list of folders, is trusted (S3)
+RECENT_TTL = 2.0  # seconds a listing of today or yesterday is trusted without looking (S3), unless told
+OLD_TTL = 3600.0  # seconds a listing of an older day is trusted (S3; deletions through the console forget it)
 FOLDERS_TTL = 120.0  # seconds a list of year/month/day folders is trusted (the newest are re-read by warm())
 WARM_EVERY = 15.0  # seconds between two warm() rounds of the poller
 FULL_RELIST = 60.0  # seconds between complete re-reads of a recent day on S3
@@ -127,8 +127,12 @@ class Page:
 class Gallery:
     """Newest-first pages of a store's faces, with cached listings (thread-safe)."""
 
-    def __init__(self, store: Store, clock: Callable[[], float] = time.time, workers: int = 8):
+    def __init__(self, store: Store, clock: Callable[[], float] = time.time, workers: int = 8,
+                 recent_ttl: float = RECENT_TTL):
         self.store = store
+        # how old a listing of today or yesterday may be when a page uses it: the console's poller
+        # re-reads them every poll interval, so its pages need not (no S3 request on a page's path)
+        self.recent_ttl = recent_ttl
         self.clock = clock  # wall clock: which day is "today"
         self.folder = isinstance(store, FolderStore)
         self.reserved = store.quarantine_prefix.strip("/").split("/")[0]
@@ -180,8 +184,9 @@ class Gallery:
 
     # -- day listings -------------------------------------------------------------------------
 
-    def listing(self, device: str, day: str) -> Listing:
-        """The names in ``device/day``, read or re-read when the cached one may be stale."""
+    def listing(self, device: str, day: str, max_age: float | None = None) -> Listing:
+        """The names in ``device/day``, read or re-read when the cached one may be stale (on S3: older
+        than ``max_age``, default ``recent_ttl`` for today and yesterday)."""
         key = (device, day)
         prefix = f"{device}/{day}"
         now = time.monotonic()
@@ -199,7 +204,8 @@ class Gallery:
             fresh = Listing(sorted(n for n in files if NAME.match(n)), now, now, version)
         else:
             recent = day in self._recent_days()
-            if cached and now - cached.checked < (RECENT_TTL if recent else OLD_TTL):
+            ttl = max_age if max_age is not None else self.recent_ttl if recent else OLD_TTL
+            if cached and now - cached.checked < ttl:
                 return cached
             if cached and recent and cached.names and now - cached.relisted < FULL_RELIST:
                 _, files = self.store.list_dir(prefix, start_after=cached.names[-1])
@@ -226,11 +232,12 @@ class Gallery:
                 if device is None or prefix == "" or prefix == device or prefix.startswith(device + "/"):
                     del self._folders[prefix]
 
-    def _listings_of(self, pairs: list[tuple[str, str]]) -> dict[tuple[str, str], Listing]:
+    def _listings_of(self, pairs: list[tuple[str, str]], max_age: float | None = None
+                     ) -> dict[tuple[str, str], Listing]:
         """Listings of several device-days, read in parallel when they are not cached."""
         if len(pairs) <= 1:
-            return {pair: self.listing(*pair) for pair in pairs}
-        return dict(zip(pairs, self._pool.map(lambda pair: self.listing(*pair), pairs)))
+            return {pair: self.listing(*pair, max_age) for pair in pairs}
+        return dict(zip(pairs, self._pool.map(lambda pair: self.listing(*pair, max_age), pairs)))
 
     # -- pages --------------------------------------------------------------------------------
 
@@ -352,7 +359,7 @@ class Gallery:
         names in ``known`` (updated in place). With ``prime`` it only fills ``known``."""
         today, yesterday = self._recent_days()
         pairs = [(dev, day) for dev in self.devices(ttl=0) for day in (today, yesterday)]
-        listings = self._listings_of(pairs)
+        listings = self._listings_of(pairs, max_age=0)
         new: list[FaceRef] = []
         for pair, listing in listings.items():
             seen = known.get(pair)
