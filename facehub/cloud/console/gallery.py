@@ -25,7 +25,7 @@ from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from facehub.cloud.storage import FolderStore, Store
 
@@ -424,13 +424,3 @@ def parse_range(day: str | None, start: str | None, end: str | None) -> tuple[in
 
     return at(start, timedelta(0)), at(end, timedelta(days=1), end=True)
 
-
-def chunks(items: Iterable[Any], size: int) -> Iterable[list[Any]]:
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -150,8 +151,6 @@ def run(config: Config, runtime: Runtime) -> None:
     """The ``retention`` child of ``facehub run cloud``: a round at start, then every ``sweep_interval``."""
     store = open_store(config.saver)
     next_round = 0.0
-    import time
-
     while not runtime.stop.is_set():
         if time.monotonic() >= next_round:
             try:
