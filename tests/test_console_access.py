@@ -195,3 +195,26 @@ def test_https_with_the_brokers_ca(tmp_path):
                                    "FACEHUB_CONSOLE_TLS_CERT": config.console.tls_cert,
                                    "FACEHUB_CONSOLE_TLS_KEY": config.console.tls_key})
         assert ping.returncode == 0, ping.stdout + ping.stderr
+
+
+def test_command_line_hash_and_refusal_without_an_account(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {key: value for key, value in os.environ.items() if not key.startswith("FACEHUB_")}
+    env["FACEHUB_SUPERVISOR_STATE_DIR"] = str(tmp_path / "state")
+    made = subprocess.run([sys.executable, "-m", "facehub.cli", "console", "hash-password"], input="a long password\n",
+                          cwd=root, env=env, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0 and verify_password("a long password", made.stdout.strip())
+    short = subprocess.run([sys.executable, "-m", "facehub.cli", "console", "hash-password"], input="short\n",
+                           cwd=root, env=env, capture_output=True, text=True, timeout=60)
+    assert short.returncode == 1 and "at least 8" in short.stderr
+    refused = subprocess.run([sys.executable, "-m", "facehub.cli", "console"], cwd=root, env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "no account" in refused.stderr
+    enabled = subprocess.run([sys.executable, "-m", "facehub.cli", "run", "cloud"], cwd=root, timeout=60,
+                             env={**env, "FACEHUB_CONSOLE_ENABLED": "true"}, capture_output=True, text=True)
+    assert enabled.returncode == 2 and "console.password_hash" in enabled.stderr
