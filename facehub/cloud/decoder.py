@@ -42,7 +42,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,7 @@ class DecoderCrashed(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True)
-class Decoded:
+class Decoded(NamedTuple):
     width: int
     height: int
 

@@ -56,8 +56,9 @@ Counters: ``stored``, ``duplicates``, ``rejected``, ``quarantined``,
 ``oversize``, ``store_errors``, ``bombs``, ``poison``, ``decoder_crashes``,
 ``retained``, ``dropped_qos0``, ``quarantine_dropped``; gauges ``queue_depth``,
 ``queue_bytes``, ``unacked``, ``subscribed``, ``decoder_pids``, ``quarantine_full``
-(the all-devices budget is used up, the volume is down to its reserve, or
-quarantine writes fail), ``quarantine_devices_over_quota``,
+(the all-devices budget is used up, a folder store's volume has no room for the
+largest message above its reserve, or quarantine writes fail),
+``quarantine_devices_over_quota``,
 ``quarantine_failing_since`` and ``store_failing_since`` (wall-clock start of
 the current failure, null while things work); ``latency_ms`` (capture to
 stored) percentiles.
@@ -390,7 +391,9 @@ class Saver:
     def report(self) -> None:
         """Gauges for the stats file (and ``facehub health``), and any due drop summaries."""
         quota = self.quota.state()
-        full = bool(quota["full"] or self.store.room_for_quarantine(0)
+        # Full: the all-devices budget is used up, the volume has no room for the largest message
+        # above its reserve, or quarantine writes fail.
+        full = bool(quota["full"] or self.store.room_for_quarantine(self.saver.max_bytes)
                     or self.quarantine_writes_failing.failing_for() is not None)
         if full:
             self.quarantine_full.failed()
