@@ -249,3 +249,19 @@ def test_closing_the_pool_ends_its_processes(image):
     pool.close()
     for pid in pids:
         wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 10, message=f"decoder {pid} ended")
+
+
+def test_a_decoder_inherits_none_of_the_savers_secrets(image, monkeypatch):
+    monkeypatch.setenv("FACEHUB_CLOUD_PASSWORD", "broker-secret")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "storage-secret")
+    pool = DecoderPool(1, 128 * MiB, 10)
+    try:
+        pool.decode("image/png", hi.png(image))
+        (pid,) = pool.pids()
+        with open(f"/proc/{pid}/environ", "rb") as environ:
+            variables = environ.read()
+        assert b"broker-secret" not in variables and b"storage-secret" not in variables
+        assert b"OMP_NUM_THREADS=1" in variables
+        assert sorted(os.listdir(f"/proc/{pid}/fd")) == ["0", "1", "2", "3", "4", "5"]  # no saver sockets
+    finally:
+        pool.close()

@@ -17,7 +17,10 @@ long-lived worker processes (``python -m facehub.cloud.decoder``); each
   stderr ("Premature end of JPEG file", "Corrupt JPEG data: premature end of
   data segment") and returns a grey-padded image, so any output during a decode
   refuses the image;
-- speaks a framed protocol on private copies of its original stdin/stdout.
+- speaks a framed protocol on private copies of its original stdin/stdout;
+- inherits no open files and none of the saver's environment but the few
+  variables Python needs, so a decoder bug an image exploits finds no
+  broker password or storage key to steal.
 
 The saver waits at most ``saver.decode_timeout`` for an answer; a worker that
 is late or dies is killed and replaced, and the caller learns it as
@@ -52,6 +55,8 @@ REPLY = struct.Struct(">I")
 MAX_REPLY = 1 << 16
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
               "OPENCV_FOR_THREADS_NUM": "1", "MALLOC_ARENA_MAX": "2"}
+# All a worker inherits from the saver's environment: never its secrets (broker password, S3 keys).
+WORKER_INHERITS = ("PATH", "PYTHONPATH", "PYTHONHOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR")
 
 
 class DecodeRefused(Exception):
@@ -84,7 +89,7 @@ class Decoder:
     def __init__(self, memory: int, startup_timeout: float = 60.0):
         self.memory = memory
         self.startup_timeout = startup_timeout
-        env = {**os.environ, **WORKER_ENV}
+        env = {**{k: os.environ[k] for k in WORKER_INHERITS if k in os.environ}, **WORKER_ENV}
         self.proc = subprocess.Popen([sys.executable, "-m", "facehub.cloud.decoder", str(memory)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=env,
                                      close_fds=True)

@@ -198,7 +198,7 @@ class SaverConfig:
     retry_min: float = 0.5  # first delay before retrying a failed write, seconds
     retry_max: float = 30.0  # longest delay before retrying a failed write, seconds
     max_pixels: int = 4096 * 4096  # largest image accepted, in pixels its header declares (read before decoding)
-    decoders: int = 2  # decoder processes per saver; images are decoded only there, never in the saver
+    decoders: int = 1  # decoder processes per saver (each about 60 MiB plus up to decode_memory while decoding)
     decode_memory: int = 256 * 1024 * 1024  # bytes a decoder process may allocate beyond its idle size (RLIMIT_AS)
     decode_timeout: float = 10.0  # seconds one decode may take; a late decoder is killed and replaced
     # attempts at one message that may end in a saver or decoder crash or timeout; then it is quarantined
