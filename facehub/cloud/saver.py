@@ -115,6 +115,7 @@ class Received:
     received_ms: int
     done: bool = False
     retain: bool = False
+    oversize: int = 0  # size of a payload over max_bytes, dropped on arrival (the payload is then b"")
 
 
 def check_image(content_type: str, data: bytes, max_pixels: int, decoders: DecoderPool) -> ImageInfo:
@@ -271,9 +272,10 @@ class Saver:
     def handle(self, message: Received) -> None:
         """Store the face in ``message``, or quarantine or drop it; raise only :class:`Stopped`."""
         topic = message.topic
-        if len(message.payload) > self.saver.max_bytes:
+        size = message.oversize or len(message.payload)
+        if size > self.saver.max_bytes:
             log.warning("dropped oversize message on %r: %d bytes exceeds limit of %d",
-                        topic[:128], len(message.payload), self.saver.max_bytes)
+                        topic[:128], size, self.saver.max_bytes)
             self.runtime.count("rejected")
             self.runtime.count("oversize")
             return
@@ -475,6 +477,8 @@ def run(config: Config, runtime: Runtime) -> None:
             message = Received(topic=_topic(msg), payload=msg.payload, properties=msg.properties,
                                mid=msg.mid, qos=msg.qos, connection=acks.connection,
                                received_ms=int(time.time() * 1000), retain=bool(msg.retain))
+            if len(message.payload) > config.saver.max_bytes:  # not kept in memory while it waits its turn
+                message.oversize, message.payload = len(message.payload), b""
             if not saver.admit(message):
                 runtime.count("dropped_qos0")
                 saver.qos0_drops.note(f"{saver.saver.queue_size} messages or {saver.saver.queue_bytes} bytes "

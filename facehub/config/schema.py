@@ -199,13 +199,15 @@ class SaverConfig:
     retry_max: float = 30.0  # longest delay before retrying a failed write, seconds
     max_pixels: int = 4096 * 4096  # largest image accepted, in pixels its header declares (read before decoding)
     decoders: int = 1  # decoder processes per saver (each about 60 MiB plus up to decode_memory while decoding)
-    decode_memory: int = 256 * 1024 * 1024  # bytes a decoder process may allocate beyond its idle size (RLIMIT_AS)
+    # bytes a decoder process may allocate beyond its idle size (RLIMIT_AS); an image of max_pixels needs up to
+    # 8 bytes a pixel (a WebP with alpha), so at least that plus 32 MiB
+    decode_memory: int = 192 * 1024 * 1024
     decode_timeout: float = 10.0  # seconds one decode may take; a late decoder is killed and replaced
     # attempts at one message that may end in a saver or decoder crash or timeout; then it is quarantined
     # without its payload and acknowledged
     max_attempts: int = 3
     queue_size: int = 1000  # messages waiting in memory for a worker; QoS 0 messages beyond it are dropped, counted
-    queue_bytes: int = 64_000_000  # payload bytes waiting in memory; QoS 0 messages beyond it are dropped, counted
+    queue_bytes: int = 16_000_000  # payload bytes waiting in memory; QoS 0 messages beyond it are dropped, counted
     quarantine_max_messages: int = 1000  # rejected messages kept per device per UTC day (0 = no limit)
     quarantine_max_bytes: int = 20_000_000  # bytes of rejected messages kept per device per UTC day (0 = no limit)
     quarantine_rate: float = 1.0  # rejected messages kept per second per device, sustained (0 = no limit)
@@ -231,7 +233,8 @@ class SaverConfig:
                "must be > 0 and <= retry_max")
         _check(self.max_pixels >= 1, f"{section}.max_pixels", "must be >= 1")
         _check(1 <= self.decoders <= 64, f"{section}.decoders", "must be 1..64")
-        _check(self.decode_memory >= 32 * 1024 * 1024, f"{section}.decode_memory", "must be >= 32 MiB (33554432)")
+        _check(self.decode_memory >= 8 * self.max_pixels + 32 * 1024 * 1024, f"{section}.decode_memory",
+               f"must be >= 8 bytes per pixel of max_pixels plus 32 MiB ({8 * self.max_pixels + 32 * 1024 * 1024})")
         _check(self.decode_timeout > 0, f"{section}.decode_timeout", "must be > 0")
         _check(self.max_attempts >= 1, f"{section}.max_attempts", "must be >= 1")
         _check(self.queue_size >= 1, f"{section}.queue_size", "must be >= 1")
