@@ -91,3 +91,22 @@ def test_an_unwritable_ledger_turns_itself_off(tmp_path, caplog):
     ledger = PoisonLedger(tmp_path / "attempts")
     assert not ledger.enabled and "cannot keep attempt records" in caplog.text
     assert ledger.attempt("ab" * 32) == 1 and ledger.attempt("ab" * 32) == 1
+
+
+def test_the_savers_bounds_are_checked():
+    import pytest
+
+    from facehub.config import Config, ConfigError, SaverConfig, SupervisorConfig
+
+    Config(saver=SaverConfig(max_attempts=3), supervisor=SupervisorConfig(max_restarts=5)).validate()
+    bad = [
+        (dict(saver=SaverConfig(max_attempts=6), supervisor=SupervisorConfig(max_restarts=5)), "saver.max_attempts"),
+        (dict(saver=SaverConfig(max_pixels=8192 * 8192)), "saver.decode_memory"),  # not enough for that size
+        (dict(saver=SaverConfig(queue_bytes=1000)), "saver.queue_bytes"),
+        (dict(saver=SaverConfig(quarantine_rate=1.0, quarantine_burst=0)), "saver.quarantine_burst"),
+        (dict(saver=SaverConfig(quarantine_reserve=1.0)), "saver.quarantine_reserve"),
+        (dict(saver=SaverConfig(decoders=0)), "saver.decoders"),
+    ]
+    for settings, key in bad:
+        with pytest.raises(ConfigError, match=key):
+            Config(**settings).validate()

@@ -56,7 +56,7 @@ MAX_REPLY = 1 << 16
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
               "OPENCV_FOR_THREADS_NUM": "1", "MALLOC_ARENA_MAX": "2"}
 # All a worker inherits from the saver's environment: never its secrets (broker password, S3 keys).
-WORKER_INHERITS = ("PATH", "PYTHONPATH", "PYTHONHOME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR")
+WORKER_INHERITS = ("PATH", "PYTHONPATH", "PYTHONHOME", "LD_LIBRARY_PATH", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR")
 
 
 class DecodeRefused(Exception):
