@@ -28,7 +28,7 @@ import hostile_images as hi
 from hostile_components import MARK
 from test_saver import Publisher, bad_messages, make_face
 from facehub.cloud import saver as saver_module
-from facehub.cloud.decoder import DecoderCrashed
+from facehub.cloud.decoder import Decoded, DecoderCrashed, DecoderUnavailable
 from facehub.cloud.storage import FolderStore, face_key
 from facehub.config import BrokerConfig, Config, SaverConfig, SupervisorConfig
 from facehub.dev.servers import S3_ENV, list_objects, wait_for
@@ -538,6 +538,27 @@ class CrashingDecoders:
         pass
 
 
+class StartingDecoders:
+    """Stands in for the decoder pool: no decoder can be started ``failures`` times, then images decode."""
+
+    def __init__(self, failures: int):
+        self.failures = failures
+        self.answers = 0
+
+    def decode(self, content_type, data):
+        if self.failures:
+            self.failures -= 1
+            raise DecoderUnavailable("cannot start a decoder: [Errno 11] Resource temporarily unavailable")
+        self.answers += 1
+        return Decoded(200, 200) if content_type != "image/jpeg" else Decoded(25, 25)
+
+    def pids(self):
+        return []
+
+    def close(self):
+        pass
+
+
 def local_saver(tmp_path, decoders=None, **options) -> saver_module.Saver:
     options = {"quarantine_reserve": 0.0, **options}
     config = Config(device_id="cloud", cloud=BrokerConfig(),
@@ -629,3 +650,26 @@ def test_a_failing_quarantine_is_given_up_counted_and_reported(tmp_path, photo):
     worker.report()
     assert worker.runtime.gauges["quarantine_full"] is False
     assert worker.runtime.gauges["quarantine_failing_since"] is None
+
+
+def test_no_decoder_is_an_outage_not_the_messages_fault(tmp_path, photo):
+    """Faces wait (unacknowledged) while no decoder can be started, and are stored once one can."""
+    decoders = StartingDecoders(failures=4)
+    worker = local_saver(tmp_path, decoders, max_attempts=3)
+    face = make_face(photo)
+    seen: list = []
+    original = worker.runtime.count
+
+    def count(key, amount=1):  # the gauge as health would see it while decoders are failing
+        if key == "decoder_unavailable":
+            worker.report()
+            seen.append(worker.runtime.gauges["decoder_failing_since"])
+        original(key, amount)
+    worker.runtime.count = count
+    worker.handle(received(face))
+    stats = worker.runtime.stats
+    assert (stats["stored"], stats["decoder_unavailable"], stats["poison"], stats["rejected"]) == (1, 4, 0, 0)
+    assert len(seen) == 4 and all(seen)  # failing from the first failure on
+    worker.report()
+    assert worker.runtime.gauges["decoder_failing_since"] is None
+    assert face_files(tmp_path / "faces") == {face_key(face)}

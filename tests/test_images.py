@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -11,7 +13,7 @@ from hypothesis import strategies as st
 
 import hostile_images as hi
 from facehub.cloud import images
-from facehub.cloud.decoder import DecodeRefused, DecoderCrashed, DecoderPool
+from facehub.cloud.decoder import DecodeRefused, DecoderCrashed, DecoderPool, DecoderUnavailable
 from facehub.cloud.images import ImageBomb, check_header, read_header
 from facehub.dev.servers import wait_for
 from facehub.messages import InvalidFace
@@ -263,5 +265,24 @@ def test_a_decoder_inherits_none_of_the_savers_secrets(image, monkeypatch):
         assert b"broker-secret" not in variables and b"storage-secret" not in variables
         assert b"OMP_NUM_THREADS=1" in variables
         assert sorted(os.listdir(f"/proc/{pid}/fd")) == ["0", "1", "2", "3", "4", "5"]  # no saver sockets
+    finally:
+        pool.close()
+
+
+def test_a_decoder_that_cannot_start_is_unavailable_not_crashed(image, monkeypatch):
+    """A decoder that cannot be started, or dies before it is ready, has seen no image: no message is blamed."""
+    for program in ("/nonexistent/python", shutil.which("false")):  # not there; exits at once
+        monkeypatch.setattr(sys, "executable", program)
+        pool = DecoderPool(1, 128 * MiB, 10)
+        try:
+            with pytest.raises(DecoderUnavailable):
+                pool.decode("image/png", hi.png(image))
+            assert pool.replaced == 0 and pool.answers == 0
+        finally:
+            pool.close()
+    monkeypatch.undo()
+    pool = DecoderPool(1, 128 * MiB, 10)
+    try:
+        assert pool.decode("image/png", hi.png(image)) == (300, 200) and pool.answers == 1
     finally:
         pool.close()

@@ -26,6 +26,9 @@ The saver waits at most ``saver.decode_timeout`` for an answer; a worker that
 is late or dies is killed and replaced, and the caller learns it as
 :class:`DecoderCrashed` (the message may be a poison; the saver counts it).
 An image that decodes with an error or a warning is :class:`DecodeRefused`.
+A worker that cannot be started, or dies before it is ready (before it has
+seen any image), is :class:`DecoderUnavailable`: no message's fault, so the
+saver waits and tries again instead of counting it against the message.
 
 JPEGs are decoded at 1/8 scale (every byte of the entropy-coded data is still
 read and checked; only the inverse DCT is cheaper), the others in grey. The
@@ -75,6 +78,14 @@ class DecoderCrashed(Exception):
         self.reason = reason
 
 
+class DecoderUnavailable(Exception):
+    """No decoder could be started (or one died while starting): try again later."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
 class Decoded(NamedTuple):
     width: int
     height: int
@@ -90,9 +101,12 @@ class Decoder:
         self.memory = memory
         self.startup_timeout = startup_timeout
         env = {**{k: os.environ[k] for k in WORKER_INHERITS if k in os.environ}, **WORKER_ENV}
-        self.proc = subprocess.Popen([sys.executable, "-m", "facehub.cloud.decoder", str(memory)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=env,
-                                     close_fds=True)
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", "facehub.cloud.decoder", str(memory)],
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0, env=env,
+                                         close_fds=True)
+        except OSError as error:
+            raise DecoderUnavailable(f"cannot start a decoder: {error}") from None
         os.set_blocking(self.proc.stdin.fileno(), False)
         self.started = time.monotonic()
         self.ready = False
@@ -108,7 +122,10 @@ class Decoder:
 
     def decode(self, content_type: str, data: bytes, timeout: float) -> Decoded:
         if not self.ready:
-            hello = self._read(self.started + self.startup_timeout, "start")
+            try:
+                hello = self._read(self.started + self.startup_timeout, "start")
+            except DecoderCrashed as error:
+                raise DecoderUnavailable(error.reason) from None
             self.limit = int(hello.get("limit", 0))
             self.ready = True
         deadline = time.monotonic() + timeout
@@ -205,26 +222,40 @@ class DecoderPool:
         self.timeout = timeout
         self.startup_timeout = startup_timeout
         self.replaced = 0
+        self.answers = 0  # decodes a decoder answered (images decoded or refused): decoders work
         self._idle: queue.Queue[Decoder | None] = queue.Queue()
         self._all: set[Decoder] = set()
         self._lock = threading.Lock()
         self._closed = False
         for _ in range(size):
-            self._idle.put(self._spawn())
+            try:
+                self._idle.put(self._spawn())
+            except DecoderUnavailable as error:
+                log.error("%s; trying again when an image comes", error.reason)
+                self._idle.put(None)
 
     def decode(self, content_type: str, data: bytes) -> Decoded:
-        """Decode in a worker; raise :class:`DecodeRefused` or :class:`DecoderCrashed`."""
+        """Decode in a worker; raise DecodeRefused, DecoderCrashed or DecoderUnavailable."""
         decoder = self._idle.get()
         try:
             if decoder is None or not decoder.alive:
                 self._forget(decoder)
                 decoder = self._spawn()
-            return decoder.decode(content_type, data, self.timeout)
+            try:
+                return decoder.decode(content_type, data, self.timeout)
+            finally:
+                if decoder.ready:
+                    with self._lock:
+                        self.answers += 1
         except DecoderCrashed:
             self._forget(decoder)
             decoder = None  # the next caller starts a fresh one
             with self._lock:
                 self.replaced += 1
+            raise
+        except DecoderUnavailable:
+            self._forget(decoder)
+            decoder = None
             raise
         finally:
             self._idle.put(decoder)
@@ -248,7 +279,7 @@ class DecoderPool:
             closed = self._closed
         if closed:
             self._forget(decoder)
-            raise DecoderCrashed("the decoder pool is closed")
+            raise DecoderUnavailable("the decoder pool is closed")
         return decoder
 
     def _forget(self, decoder: Decoder | None) -> None:

@@ -59,9 +59,10 @@ Counters: ``stored``, ``duplicates``, ``rejected``, ``quarantined``,
 (the all-devices budget is used up, a folder store's volume has no room for the
 largest message above its reserve, or quarantine writes fail),
 ``quarantine_devices_over_quota``,
-``quarantine_failing_since`` and ``store_failing_since`` (wall-clock start of
-the current failure, null while things work); ``latency_ms`` (capture to
-stored) percentiles.
+``quarantine_failing_since``, ``store_failing_since`` and ``decoder_failing_since``
+(wall-clock start of the current failure, null while things work; the last one
+when no decoder process can be started, and faces wait with the broker as in a
+storage outage); ``latency_ms`` (capture to stored) percentiles.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ from facehub import mqtt
 from facehub.config import Config
 from facehub.messages import InvalidFace, parse
 from facehub.runtime import Runtime
-from facehub.cloud.decoder import DecoderCrashed, DecoderPool, DecodeRefused
+from facehub.cloud.decoder import DecoderCrashed, DecoderPool, DecodeRefused, DecoderUnavailable
 from facehub.cloud.guards import DropLog, FailureClock, PoisonLedger, QuarantineQuota, message_digest
 from facehub.cloud.images import ImageBomb, ImageInfo, check_header
 from facehub.cloud.storage import Store, open_store
@@ -195,6 +196,8 @@ class Saver:
         self.quarantine_drops = DropLog(log, "quarantine copies of rejected messages", DROP_LOG_INTERVAL)
         self.qos0_drops = DropLog(log, "QoS 0 messages (in-memory queue full)", DROP_LOG_INTERVAL)
         self.store_failing = FailureClock()  # face writes
+        self.decoder_failing = FailureClock()  # no decoder can be started
+        self._answers_at_failure = 0
         self.quarantine_writes_failing = FailureClock()  # quarantine writes
         self.quarantine_full = FailureClock()  # no room: budget used up, volume at its reserve, or writes failing
         self._retained: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -319,13 +322,27 @@ class Saver:
                      self.config.topic_prefix)
         if face.device_id == self.reserved_device:
             raise InvalidFace(f"device id {face.device_id!r} is reserved for the quarantine prefix")
+        delay = self.saver.retry_min
         while True:
             try:
                 check_image(face.content_type, face.image, self.saver.max_pixels, self.decoders)
                 return face
+            except DecoderUnavailable as unavailable:
+                # Not this message's fault: wait like for storage, the broker keeps the rest meanwhile.
+                if self.stopping.is_set():
+                    raise Stopped() from None
+                if self.decoder_failing.failing_for() is None:
+                    log.error("no image decoder: %s; retrying with backoff, faces stay unacknowledged with "
+                              "the broker meanwhile", unavailable.reason)
+                self.decoder_failing.failed()
+                self._answers_at_failure = getattr(self.decoders, "answers", 0)
+                self.runtime.count("decoder_unavailable")
+                if self.stopping.wait(delay * random.uniform(0.8, 1.2)):
+                    raise Stopped() from None
+                delay = min(delay * 2, self.saver.retry_max)
             except DecoderCrashed as crash:
                 if self.stopping.is_set():
-                    raise Stopped() from None  # the pool was closed under us: shutting down, not a crash
+                    raise Stopped() from None  # shutting down, not a crash
                 self.runtime.count("decoder_crashes")
                 attempts = self.ledger.attempt(digest)
                 log.warning("decoding a message on %r failed: %s (attempt %d of %d)", message.topic[:128],
@@ -409,6 +426,11 @@ class Saver:
         self.runtime.gauge("quarantine_devices_over_quota", quota["devices_over_quota"])
         self.runtime.gauge("quarantine_failing_since", self.quarantine_full.wall_since())
         self.runtime.gauge("store_failing_since", self.store_failing.wall_since())
+        failing = self.decoder_failing.failing_for()
+        if failing is not None and getattr(self.decoders, "answers", 0) > self._answers_at_failure:
+            log.warning("image decoder back after %.1fs", failing)
+            self.decoder_failing.succeeded()
+        self.runtime.gauge("decoder_failing_since", self.decoder_failing.wall_since())
         self.quarantine_drops.flush()
         self.qos0_drops.flush()
 
