@@ -100,7 +100,7 @@ def test_the_savers_bounds_are_checked():
 
     Config(saver=SaverConfig(max_attempts=3), supervisor=SupervisorConfig(max_restarts=5)).validate()
     bad = [
-        (dict(saver=SaverConfig(max_attempts=6), supervisor=SupervisorConfig(max_restarts=5)), "saver.max_attempts"),
+        (dict(saver=SaverConfig(max_attempts=0)), "saver.max_attempts"),
         (dict(saver=SaverConfig(max_pixels=8192 * 8192)), "saver.decode_memory"),  # not enough for that size
         (dict(saver=SaverConfig(queue_bytes=1000)), "saver.queue_bytes"),
         (dict(saver=SaverConfig(quarantine_rate=1.0, quarantine_burst=0)), "saver.quarantine_burst"),

@@ -587,6 +587,14 @@ def test_a_message_that_keeps_crashing_the_decoder_is_quarantined_without_its_pa
     assert not list((tmp_path / "state" / "saver-attempts").iterdir())
 
 
+def test_attempts_stop_before_the_supervisor_gives_up(tmp_path):
+    config = Config(saver=SaverConfig(url=str(tmp_path / "faces"), max_attempts=6),
+                    supervisor=SupervisorConfig(state_dir=str(tmp_path / "state"), max_restarts=2)).validate()
+    worker = saver_module.Saver(config, Runtime("saver-1"), FolderStore(tmp_path / "faces", "quarantine"),
+                                decoders=CrashingDecoders())
+    assert worker.max_attempts == 2
+
+
 def test_attempts_survive_the_saver(tmp_path, photo):
     """A record left by a life that died (two attempts so far) makes the next life try once more, then give up."""
     decoders = CrashingDecoders()

@@ -190,6 +190,12 @@ class Saver:
         self.decoders = decoders or DecoderPool(self.saver.decoders, self.saver.decode_memory,
                                                 self.saver.decode_timeout)
         self.ledger = PoisonLedger(Path(config.supervisor.state_dir) / "saver-attempts")
+        self.max_attempts = self.saver.max_attempts
+        restarts = config.supervisor.max_restarts
+        if restarts and self.max_attempts > restarts:
+            # The supervisor would give up on the saver before the attempt records set the message aside.
+            log.info("saver.max_attempts %d lowered to supervisor.max_restarts %d", self.max_attempts, restarts)
+            self.max_attempts = restarts
         self.quota = QuarantineQuota(self.saver.quarantine_max_messages, self.saver.quarantine_max_bytes,
                                      self.saver.quarantine_rate, self.saver.quarantine_burst,
                                      self.saver.quarantine_total_bytes)
@@ -288,7 +294,7 @@ class Saver:
             return
         attempts = self.ledger.attempt(digest)  # cleared once validated: a record that survives is a crash
         try:
-            if attempts > self.saver.max_attempts:
+            if attempts > self.max_attempts:
                 self.runtime.count("poison")
                 raise InvalidFace(f"a saver or its decoder crashed or timed out on this message "
                                   f"{attempts - 1} times; not tried again", keep_payload=False)
@@ -346,8 +352,8 @@ class Saver:
                 self.runtime.count("decoder_crashes")
                 attempts = self.ledger.attempt(digest)
                 log.warning("decoding a message on %r failed: %s (attempt %d of %d)", message.topic[:128],
-                            crash.reason, attempts - 1, self.saver.max_attempts)
-                if attempts > self.saver.max_attempts:
+                            crash.reason, attempts - 1, self.max_attempts)
+                if attempts > self.max_attempts:
                     self.runtime.count("poison")
                     raise InvalidFace(f"crashed or timed out the image decoder {attempts - 1} times "
                                       f"(last: {crash.reason})", keep_payload=False) from None

@@ -328,9 +328,6 @@ class Config:
         self.forwarder.validate()
         self.saver.validate()
         self.supervisor.validate()
-        _check(not self.supervisor.max_restarts or self.saver.max_attempts <= self.supervisor.max_restarts,
-               "saver.max_attempts", f"must be <= supervisor.max_restarts ({self.supervisor.max_restarts}), or the "
-               "supervisor gives up on a saver before a message that crashes it is set aside")
         self.metrics.validate()
         return self
 
