@@ -21,7 +21,6 @@ import boto3
 import cv2
 import numpy as np
 import pytest
-from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 import hostile_images as hi
