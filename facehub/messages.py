@@ -39,11 +39,17 @@ _IMAGE_MAGIC = {
 
 
 class InvalidFace(ValueError):
-    """A received message that is not a well-formed face; ``reason`` says why."""
+    """A received message that is not a well-formed face; ``reason`` says why.
 
-    def __init__(self, reason: str):
+    ``keep_payload`` is False when the payload itself is dangerous to keep (an
+    image bomb, a message that crashed its decoder): the receiver then keeps a
+    record of the message without it.
+    """
+
+    def __init__(self, reason: str, keep_payload: bool = True):
         super().__init__(reason)
         self.reason = reason
+        self.keep_payload = keep_payload
 
 
 @dataclass(frozen=True)

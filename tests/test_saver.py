@@ -19,6 +19,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from facehub.cloud import saver
+from facehub.cloud.decoder import DecoderPool
 from facehub.config import BrokerConfig, Config, SaverConfig
 from facehub.messages import Face
 from facehub.runtime import Runtime
@@ -427,18 +428,23 @@ def test_two_savers_share_the_work_and_store_each_face_once(broker, moto, bucket
 
 
 def test_check_image_rejects_incomplete_images(photo):
-    jpeg = face_jpeg(photo)
-    saver.check_image("image/jpeg", jpeg)
-    ok, png = cv2.imencode(".png", photo[:64, :64])
-    saver.check_image("image/png", png.tobytes())
-    ok, webp = cv2.imencode(".webp", photo[:64, :64])
-    saver.check_image("image/webp", webp.tobytes())
-    for content_type, data in [("image/jpeg", jpeg[:-40]), ("image/jpeg", jpeg[:600] + b"\xff\xd9"),
-                               ("image/png", png.tobytes()[:-30]), ("image/webp", webp.tobytes()[:-10]),
-                               ("image/png", png.tobytes()[:16] + (10**5).to_bytes(4, "big") * 2
-                                + png.tobytes()[24:])]:
-        with pytest.raises(saver.InvalidFace):
-            saver.check_image(content_type, data)
+    decoders = DecoderPool(1, 256 << 20, 10)
+    check = lambda content_type, data: saver.check_image(content_type, data, 4096 * 4096, decoders)  # noqa: E731
+    try:
+        jpeg = face_jpeg(photo)
+        check("image/jpeg", jpeg)
+        ok, png = cv2.imencode(".png", photo[:64, :64])
+        check("image/png", png.tobytes())
+        ok, webp = cv2.imencode(".webp", photo[:64, :64])
+        check("image/webp", webp.tobytes())
+        for content_type, data in [("image/jpeg", jpeg[:-40]), ("image/jpeg", jpeg[:600] + b"\xff\xd9"),
+                                   ("image/png", png.tobytes()[:-30]), ("image/webp", webp.tobytes()[:-10]),
+                                   ("image/png", png.tobytes()[:16] + (10**5).to_bytes(4, "big") * 2
+                                    + png.tobytes()[24:])]:
+            with pytest.raises(saver.InvalidFace):
+                check(content_type, data)
+    finally:
+        decoders.close()
 
 
 class RecordingClient:

@@ -30,9 +30,39 @@ Flow of one message::
   quarantine prefix (``quarantined``) and then acknowledged. Payloads larger
   than ``max_bytes`` are counted ``rejected`` and ``oversize`` and dropped.
 
+Defences against a compromised or broken device (docs/security.md):
+
+- **Images are judged by their headers first** (``facehub.cloud.images``): a
+  declared size over ``max_pixels`` is refused (``bombs``) before any decoder
+  sees it; then the image must decode cleanly, without even a warning, in a
+  separate memory-capped decoder process (``facehub.cloud.decoder``).
+- **A poison message never loops**: each message's attempts are recorded in
+  the state folder before the risky steps (validation and decoding) and cleared
+  after; a message that has crashed or timed out the saver or its decoder
+  ``max_attempts`` times is quarantined without its payload (``poison``) and
+  acknowledged, in this life of the saver or the next.
+- **Retained messages are refused** (``retained``): the subscription asks for
+  no retained messages (Retain Handling 2) and to see the retain flag as
+  published, and a message carrying it is quarantined once, never stored.
+- **Bounds**: at most ``queue_size`` messages and ``queue_bytes`` bytes wait
+  in memory; QoS 0 messages beyond that are dropped (``dropped_qos0``), QoS 1/2
+  are already bounded by ``inflight``. Quarantine copies are bounded per device
+  per day, by rate, for all devices per day, and by the free space of a folder
+  store; copies beyond are dropped (``quarantine_dropped``) and logged once per
+  minute, never per message. A quarantine write that keeps failing is given up
+  (``quarantine_dropped``) rather than blocking the faces behind it.
+
 Counters: ``stored``, ``duplicates``, ``rejected``, ``quarantined``,
-``oversize``, ``store_errors``; gauges ``queue_depth``, ``unacked`` and ``subscribed``;
-``latency_ms`` (capture to stored) percentiles.
+``oversize``, ``store_errors``, ``bombs``, ``poison``, ``decoder_crashes``,
+``retained``, ``dropped_qos0``, ``quarantine_dropped``; gauges ``queue_depth``,
+``queue_bytes``, ``unacked``, ``subscribed``, ``decoder_pids``, ``quarantine_full``
+(the all-devices budget is used up, a folder store's volume has no room for the
+largest message above its reserve, or quarantine writes fail),
+``quarantine_devices_over_quota``,
+``quarantine_failing_since``, ``store_failing_since`` and ``decoder_failing_since``
+(wall-clock start of the current failure, null while things work; the last one
+when no decoder process can be started, and faces wait with the broker as in a
+storage outage); ``latency_ms`` (capture to stored) percentiles.
 """
 
 from __future__ import annotations
@@ -42,25 +72,31 @@ import dataclasses
 import logging
 import queue
 import random
+import re
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
-import cv2
-import numpy as np
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from facehub import mqtt
 from facehub.config import Config
 from facehub.messages import InvalidFace, parse
 from facehub.runtime import Runtime
+from facehub.cloud.decoder import DecoderCrashed, DecoderPool, DecodeRefused, DecoderUnavailable
+from facehub.cloud.guards import DropLog, FailureClock, PoisonLedger, QuarantineQuota, message_digest
+from facehub.cloud.images import ImageBomb, ImageInfo, check_header
 from facehub.cloud.storage import Store, open_store
 
 log = logging.getLogger(__name__)
 
-JPEG_EOI = b"\xff\xd9"
-PNG_IEND = b"IEND\xaeB`\x82"
-MAX_PIXELS = 50_000_000
+QUARANTINE_TRIES = 3  # writes of one quarantine copy before it is given up (it must not block the faces)
+DROP_LOG_INTERVAL = 60.0  # seconds between two log lines about dropped messages or copies
+RETAINED_REMEMBERED = 10_000  # retained messages remembered, so a repeat is not quarantined again
+INVALID_DEVICE = "(invalid device ids)"
+_DEVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class Stopped(Exception):
@@ -79,35 +115,29 @@ class Received:
     connection: int
     received_ms: int
     done: bool = False
+    retain: bool = False
+    oversize: int = 0  # size of a payload over max_bytes, dropped on arrival (the payload is then b"")
 
 
-def check_image(content_type: str, data: bytes) -> None:
-    """Raise :class:`InvalidFace` unless ``data`` is a complete, decodable image.
+def check_image(content_type: str, data: bytes, max_pixels: int, decoders: DecoderPool) -> ImageInfo:
+    """Raise :class:`InvalidFace` unless ``data`` is a complete image of at most ``max_pixels``.
 
-    Decoding alone is not enough: some decoders return a grey-padded image for
-    a truncated JPEG, so the end marker is checked too. JPEGs are decoded at
-    1/8 scale, which reads every byte but bounds memory for huge dimensions.
+    The header is read first, without decoding (:func:`facehub.cloud.images.check_header`):
+    a bomb is refused as :class:`ImageBomb` before any decoder allocates for it.
+    Then the image is decoded in a decoder process (``decoders``) and must decode
+    without an error or a warning, to the size its header declared. A decoder
+    that dies or is late raises :class:`DecoderCrashed` for the caller to count.
     """
-    flags = cv2.IMREAD_GRAYSCALE
-    if content_type == "image/jpeg":
-        if not data.rstrip(b"\0\r\n ").endswith(JPEG_EOI):
-            raise InvalidFace("JPEG is truncated (no end-of-image marker)")
-        flags = cv2.IMREAD_REDUCED_GRAYSCALE_8
-    elif content_type == "image/png":
-        if not data.endswith(PNG_IEND):
-            raise InvalidFace("PNG is truncated (no IEND chunk)")
-        width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-        if width * height > MAX_PIXELS:
-            raise InvalidFace(f"PNG of {width}x{height} pixels is too large for a face")
-    elif content_type == "image/webp":
-        if len(data) < 12 or int.from_bytes(data[4:8], "little") + 8 != len(data) or data[8:12] != b"WEBP":
-            raise InvalidFace("WebP is truncated or malformed (RIFF size mismatch)")
+    info = check_header(content_type, data, max_pixels)
     try:
-        image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
-    except cv2.error as error:
-        raise InvalidFace(f"{content_type} does not decode: {str(error).strip()[:100]}") from None
-    if image is None or image.size == 0:
-        raise InvalidFace(f"payload does not decode as {content_type}")
+        decoded = decoders.decode(content_type, data)
+    except DecodeRefused as refused:
+        raise InvalidFace(f"{info.format} does not decode cleanly: {refused.reason}") from None
+    expected = (-(-info.width // 8), -(-info.height // 8)) if info.format == "JPEG" else (info.width, info.height)
+    if (decoded.width, decoded.height) != expected:
+        raise InvalidFace(f"{info.format} decodes to {decoded.width}x{decoded.height}, not the "
+                          f"{expected[0]}x{expected[1]} its header declares")
+    return info
 
 
 class AckQueue:
@@ -147,13 +177,37 @@ class AckQueue:
 class Saver:
     """The storage side: validates, stores or quarantines, then marks each message done."""
 
-    def __init__(self, config: Config, runtime: Runtime, store: Store, acks: AckQueue | None = None):
+    def __init__(self, config: Config, runtime: Runtime, store: Store, acks: AckQueue | None = None,
+                 decoders: DecoderPool | None = None):
         self.config = config
         self.saver = config.saver
         self.runtime = runtime
         self.store = store
         self.acks = acks
         self.queue: queue.Queue[Received] = queue.Queue()
+        self.queued_bytes = 0
+        self._queued_lock = threading.Lock()
+        self.decoders = decoders or DecoderPool(self.saver.decoders, self.saver.decode_memory,
+                                                self.saver.decode_timeout)
+        self.ledger = PoisonLedger(Path(config.supervisor.state_dir) / "saver-attempts")
+        self.max_attempts = self.saver.max_attempts
+        restarts = config.supervisor.max_restarts
+        if restarts and self.max_attempts > restarts:
+            # The supervisor would give up on the saver before the attempt records set the message aside.
+            log.info("saver.max_attempts %d lowered to supervisor.max_restarts %d", self.max_attempts, restarts)
+            self.max_attempts = restarts
+        self.quota = QuarantineQuota(self.saver.quarantine_max_messages, self.saver.quarantine_max_bytes,
+                                     self.saver.quarantine_rate, self.saver.quarantine_burst,
+                                     self.saver.quarantine_total_bytes)
+        self.quarantine_drops = DropLog(log, "quarantine copies of rejected messages", DROP_LOG_INTERVAL)
+        self.qos0_drops = DropLog(log, "QoS 0 messages (in-memory queue full)", DROP_LOG_INTERVAL)
+        self.store_failing = FailureClock()  # face writes
+        self.decoder_failing = FailureClock()  # no decoder can be started
+        self._answers_at_failure = 0
+        self.quarantine_writes_failing = FailureClock()  # quarantine writes
+        self.quarantine_full = FailureClock()  # no room: budget used up, volume at its reserve, or writes failing
+        self._retained: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._retained_lock = threading.Lock()
         self.reserved_device = self.saver.quarantine_prefix.strip("/").split("/")[0]
         self.stuck_after = max(60.0, 6 * self.saver.timeout)
         self.stopping = threading.Event()
@@ -171,11 +225,29 @@ class Saver:
             self._threads.append(thread)
 
     def stop_workers(self, timeout: float) -> None:
-        """Let each worker finish its current call (acknowledging it), then return."""
+        """Let each worker finish its current call (acknowledging it), then stop the decoders and return."""
         self.stopping.set()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
+        self.decoders.close()
+        self.quarantine_drops.flush(force=True)
+        self.qos0_drops.flush(force=True)
+
+    def admit(self, message: Received) -> bool:
+        """Reserve room in the in-memory queue; False (drop it) for a QoS 0 message when full.
+
+        QoS 1/2 messages are always admitted: the broker sends at most
+        ``inflight`` of them unacknowledged (Receive Maximum), and dropping one
+        would lose a face the broker thinks is safe.
+        """
+        size = len(message.payload)
+        with self._queued_lock:
+            if message.qos == 0 and (self.queue.qsize() >= self.saver.queue_size
+                                     or self.queued_bytes + size > self.saver.queue_bytes):
+                return False
+            self.queued_bytes += size
+        return True
 
     def workers_alive(self) -> bool:
         return all(thread.is_alive() for thread in self._threads)
@@ -193,6 +265,8 @@ class Saver:
                 message = self.queue.get(timeout=0.5)
             except queue.Empty:
                 continue
+            with self._queued_lock:
+                self.queued_bytes -= len(message.payload)
             try:
                 self.handle(message)
             except Stopped:
@@ -207,25 +281,39 @@ class Saver:
     def handle(self, message: Received) -> None:
         """Store the face in ``message``, or quarantine or drop it; raise only :class:`Stopped`."""
         topic = message.topic
-        if len(message.payload) > self.saver.max_bytes:
+        size = message.oversize or len(message.payload)
+        if size > self.saver.max_bytes:
             log.warning("dropped oversize message on %r: %d bytes exceeds limit of %d",
-                        topic[:128], len(message.payload), self.saver.max_bytes)
+                        topic[:128], size, self.saver.max_bytes)
             self.runtime.count("rejected")
             self.runtime.count("oversize")
             return
+        digest = message_digest(topic, message.payload, message.properties)
+        if message.retain:
+            self._reject_retained(message, digest)
+            return
+        attempts = self.ledger.attempt(digest)  # cleared once validated: a record that survives is a crash
         try:
-            face = parse(topic, message.payload, message.properties, self.saver.max_bytes,
-                         self.config.topic_prefix)
-            if face.device_id == self.reserved_device:
-                raise InvalidFace(f"device id {face.device_id!r} is reserved for the quarantine prefix")
-            check_image(face.content_type, face.image)
+            if attempts > self.max_attempts:
+                self.runtime.count("poison")
+                raise InvalidFace(f"a saver or its decoder crashed or timed out on this message "
+                                  f"{attempts - 1} times; not tried again", keep_payload=False)
+            face = self._validate(message, digest)
         except InvalidFace as error:
-            self._reject(message, error.reason)
+            self.ledger.clear(digest)
+            if isinstance(error, ImageBomb):
+                self.runtime.count("bombs")
+            self._reject(message, error.reason, keep_payload=error.keep_payload)
             return
+        except Stopped:
+            raise
         except Exception as error:  # a bug in validation must not crash-loop on one message
+            self.ledger.clear(digest)
             log.exception("unexpected error validating message on %r", topic[:128])
-            self._reject(message, f"unexpected validation error: {type(error).__name__}: {error}")
+            self._reject(message, f"unexpected validation error: {type(error).__name__}: {error}",
+                         keep_payload=False)
             return
+        self.ledger.clear(digest)
         if self._retry(lambda: self.store.put_face(face), f"face {face.face_id} from {face.device_id}"):
             self.runtime.count("stored")
             self.runtime.observe("latency_ms", time.time() * 1000 - face.captured_ms)
@@ -234,13 +322,123 @@ class Saver:
             self.runtime.count("duplicates")
             log.info("face %s from %s already stored (redelivery)", face.face_id, face.device_id)
 
-    def _reject(self, message: Received, reason: str) -> None:
-        log.warning("rejected message on %r (%d bytes): %s", message.topic[:128], len(message.payload), reason)
+    def _validate(self, message: Received, digest: str):
+        """The face in the message, or :class:`InvalidFace`; decoder crashes count as attempts."""
+        face = parse(message.topic, message.payload, message.properties, self.saver.max_bytes,
+                     self.config.topic_prefix)
+        if face.device_id == self.reserved_device:
+            raise InvalidFace(f"device id {face.device_id!r} is reserved for the quarantine prefix")
+        delay = self.saver.retry_min
+        while True:
+            try:
+                check_image(face.content_type, face.image, self.saver.max_pixels, self.decoders)
+                return face
+            except DecoderUnavailable as unavailable:
+                # Not this message's fault: wait like for storage, the broker keeps the rest meanwhile.
+                if self.stopping.is_set():
+                    raise Stopped() from None
+                if self.decoder_failing.failing_for() is None:
+                    log.error("no image decoder: %s; retrying with backoff, faces stay unacknowledged with "
+                              "the broker meanwhile", unavailable.reason)
+                self.decoder_failing.failed()
+                self._answers_at_failure = getattr(self.decoders, "answers", 0)
+                self.runtime.count("decoder_unavailable")
+                if self.stopping.wait(delay * random.uniform(0.8, 1.2)):
+                    raise Stopped() from None
+                delay = min(delay * 2, self.saver.retry_max)
+            except DecoderCrashed as crash:
+                if self.stopping.is_set():
+                    raise Stopped() from None  # shutting down, not a crash
+                self.runtime.count("decoder_crashes")
+                attempts = self.ledger.attempt(digest)
+                log.warning("decoding a message on %r failed: %s (attempt %d of %d)", message.topic[:128],
+                            crash.reason, attempts - 1, self.max_attempts)
+                if attempts > self.max_attempts:
+                    self.runtime.count("poison")
+                    raise InvalidFace(f"crashed or timed out the image decoder {attempts - 1} times "
+                                      f"(last: {crash.reason})", keep_payload=False) from None
+
+    def _reject_retained(self, message: Received, digest: str) -> None:
+        """A retained message on a faces topic: refused, quarantined the first time it is seen."""
+        self.runtime.count("retained")
+        with self._retained_lock:
+            seen = digest in self._retained
+            self._retained[digest] = None
+            self._retained.move_to_end(digest)
+            while len(self._retained) > RETAINED_REMEMBERED:
+                self._retained.popitem(last=False)
+        if seen:
+            self.runtime.count("rejected")
+            log.debug("retained message on %r seen again; already quarantined", message.topic[:128])
+            return
+        self._reject(message, "retained message on a faces topic (faces are never published retained)")
+
+    def _reject(self, message: Received, reason: str, keep_payload: bool = True) -> None:
+        """Count a rejected message and keep a copy under the quarantine prefix, within its bounds."""
         self.runtime.count("rejected")
-        self._retry(lambda: self.store.put_quarantine(message.topic, message.payload, reason,
-                                                      message.properties, message.received_ms),
-                    f"quarantine copy of a message on {message.topic[:64]!r}")
-        self.runtime.count("quarantined")
+        entry = self.store.quarantine_entry(message.topic, message.payload, reason, message.properties,
+                                            message.received_ms, keep_payload)
+        device = self.quarantine_device(message.topic)
+        refusal = self.store.room_for_quarantine(entry.size) or self.quota.admit(device, entry.size)
+        if refusal:
+            self.runtime.count("quarantine_dropped")
+            self.quarantine_drops.note(f"{device}: {refusal}")
+            return
+        log.warning("rejected message on %r (%d bytes): %s", message.topic[:128], len(message.payload), reason)
+        what = f"quarantine copy of a message on {message.topic[:64]!r}"
+        for attempt in range(1, QUARANTINE_TRIES + 1):
+            if self.stopping.is_set():
+                raise Stopped()
+            try:
+                self.store.put_quarantine_entry(entry)
+            except Exception as error:
+                self.runtime.count("store_errors")
+                self.quarantine_writes_failing.failed()
+                first_line = str(error).splitlines()[0][:200] if str(error) else ""
+                if attempt == QUARANTINE_TRIES:
+                    self.runtime.count("quarantine_dropped")
+                    self.quarantine_drops.note(f"write failed: {type(error).__name__}: {first_line}")
+                    return
+                log.debug("cannot write %s: %s: %s; retrying", what, type(error).__name__, first_line)
+                if self.stopping.wait(self.saver.retry_min * attempt * random.uniform(0.8, 1.2)):
+                    raise Stopped()
+                continue
+            self.quarantine_writes_failing.succeeded()
+            self.runtime.count("quarantined")
+            return
+
+    def quarantine_device(self, topic: str) -> str:
+        """Whom a quarantine copy is charged to: the topic's device id, or one shared bucket if invalid."""
+        head = self.config.topic_prefix + "/"
+        device = topic[len(head):].split("/", 1)[0] if topic.startswith(head) else ""
+        return device if _DEVICE.fullmatch(device) and device != self.reserved_device else INVALID_DEVICE
+
+    def report(self) -> None:
+        """Gauges for the stats file (and ``facehub health``), and any due drop summaries."""
+        quota = self.quota.state()
+        # Full: the all-devices budget is used up, the volume has no room for the largest message
+        # above its reserve, or quarantine writes fail.
+        full = bool(quota["full"] or self.store.room_for_quarantine(self.saver.max_bytes)
+                    or self.quarantine_writes_failing.failing_for() is not None)
+        if full:
+            self.quarantine_full.failed()
+        else:
+            self.quarantine_full.succeeded()
+        self.runtime.gauge("queue_depth", self.queue.qsize())
+        self.runtime.gauge("queue_bytes", self.queued_bytes)
+        self.runtime.gauge("unacked", len(self.acks) if self.acks is not None else 0)
+        self.runtime.gauge("decoder_pids", self.decoders.pids())
+        self.runtime.gauge("quarantine_full", full)
+        self.runtime.gauge("quarantine_devices_over_quota", quota["devices_over_quota"])
+        self.runtime.gauge("quarantine_failing_since", self.quarantine_full.wall_since())
+        self.runtime.gauge("store_failing_since", self.store_failing.wall_since())
+        failing = self.decoder_failing.failing_for()
+        if failing is not None and getattr(self.decoders, "answers", 0) > self._answers_at_failure:
+            log.warning("image decoder back after %.1fs", failing)
+            self.decoder_failing.succeeded()
+        self.runtime.gauge("decoder_failing_since", self.decoder_failing.wall_since())
+        self.quarantine_drops.flush()
+        self.qos0_drops.flush()
 
     def _retry(self, action: Callable[[], bool], what: str) -> bool:
         """Run ``action`` until it succeeds, backing off; raise :class:`Stopped` on shutdown."""
@@ -250,9 +448,12 @@ class Saver:
             with self._busy_lock:
                 self._busy[key] = time.monotonic()
             try:
-                return action()
+                result = action()
+                self.store_failing.succeeded()
+                return result
             except Exception as error:
                 self.runtime.count("store_errors")
+                self.store_failing.failed()
                 log.warning("cannot store %s in %s: %s: %s; retrying in %.1fs", what, self.store.describe(),
                             type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "",
                             delay)
@@ -287,7 +488,10 @@ def run(config: Config, runtime: Runtime) -> None:
             return
         acks.new_connection()
         runtime.gauge("subscribed", False)
-        client.subscribe(topic, qos=broker.qos)
+        # No retained messages at (re)subscription, and the retain flag as published, so a retained
+        # face published while we are subscribed is seen as such and refused.
+        client.subscribe(topic, options=SubscribeOptions(qos=broker.qos, retainAsPublished=True,
+                                                         retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND))
 
     def on_subscribe(client, userdata, mid, reason_codes, properties):
         ok = all(not code.is_failure for code in reason_codes)
@@ -300,7 +504,14 @@ def run(config: Config, runtime: Runtime) -> None:
         try:
             message = Received(topic=_topic(msg), payload=msg.payload, properties=msg.properties,
                                mid=msg.mid, qos=msg.qos, connection=acks.connection,
-                               received_ms=int(time.time() * 1000))
+                               received_ms=int(time.time() * 1000), retain=bool(msg.retain))
+            if len(message.payload) > config.saver.max_bytes:  # not kept in memory while it waits its turn
+                message.oversize, message.payload = len(message.payload), b""
+            if not saver.admit(message):
+                runtime.count("dropped_qos0")
+                saver.qos0_drops.note(f"{saver.saver.queue_size} messages or {saver.saver.queue_bytes} bytes "
+                                      "waiting")
+                return
             acks.add(message)
             saver.queue.put(message)
         except Exception:  # never let an exception kill paho's network thread
@@ -337,8 +548,7 @@ def _watch(saver: Saver, runtime: Runtime) -> None:
         else:
             warned = False
             runtime.beat()
-        runtime.gauge("queue_depth", saver.queue.qsize())
-        runtime.gauge("unacked", len(saver.acks) if saver.acks is not None else 0)
+        saver.report()
         runtime.wait(0.5)
 
 

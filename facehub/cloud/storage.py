@@ -7,6 +7,13 @@ Layout under the URL's prefix (all times UTC)::
     <quarantine>/<YYYY>/<MM>/<DD>/<sha256>.bin                 a rejected message's payload
     <quarantine>/<YYYY>/<MM>/<DD>/<sha256>.json                why it was rejected, topic, properties
 
+A payload that is dangerous in itself (an image bomb, a message that crashed
+its decoder) is not kept: its record alone is written, with the payload's
+size, sha256 and first bytes. How much the quarantine may hold is the saver's
+business (``facehub.cloud.guards.QuarantineQuota``); a folder store also
+refuses quarantine copies once its volume is down to ``saver.quarantine_reserve``
+free, so faces keep the last of the space.
+
 A face's key derives only from the face (device, capture time, face id), so a
 redelivered message maps to the same key and is not written twice: storage is
 idempotent, which turns at-least-once delivery into one object per face.
@@ -33,6 +40,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -47,6 +55,7 @@ log = logging.getLogger(__name__)
 
 QUARANTINE_MAX_USER_PROPERTIES = 100
 QUARANTINE_MAX_TEXT = 1024
+QUARANTINE_HEAD_BYTES = 64  # first bytes of a payload that is not kept, in its record
 
 
 def _utc(ms: int) -> tuple[datetime, int]:
@@ -129,14 +138,37 @@ class Store:
         return self._put(stem, face.extension, face.image, face.content_type, face.metadata())
 
     def put_quarantine(self, topic: str, payload: bytes, reason: str, props: Any,
-                       received_ms: int | None = None) -> bool:
+                       received_ms: int | None = None, keep_payload: bool = True) -> bool:
+        return self.put_quarantine_entry(self.quarantine_entry(topic, payload, reason, props, received_ms,
+                                                               keep_payload))
+
+    def quarantine_entry(self, topic: str, payload: bytes, reason: str, props: Any,
+                         received_ms: int | None = None, keep_payload: bool = True) -> "QuarantineEntry":
+        """What quarantining this message would write (its size is what a quota charges)."""
         received_ms = int(time.time() * 1000) if received_ms is None else received_ms
         properties = properties_record(props)
         stem = quarantine_stem(self.quarantine_prefix, topic, payload, properties, received_ms)
         record = {"reason": reason, "topic": topic, "size": len(payload), "received-ms": received_ms,
                   "received": _utc(received_ms)[0].isoformat().replace("+00:00", "Z"),
                   "properties": properties}
-        return self._put_with_record(stem, "bin", payload, "application/octet-stream", record)
+        if not keep_payload:
+            record["payload"] = {"kept": False, "sha256": hashlib.sha256(payload).hexdigest(),
+                                 "head": bytes(payload[:QUARANTINE_HEAD_BYTES]).hex()}
+        return QuarantineEntry(stem, _json_bytes(record), bytes(payload) if keep_payload else None)
+
+    def put_quarantine_entry(self, entry: "QuarantineEntry") -> bool:
+        """Write a quarantine entry: payload and record, or the record alone; False if already there."""
+        if entry.payload is None:
+            return self._put_record_only(entry.stem, entry.record)
+        return self._put_with_record(entry.stem, "bin", entry.payload, "application/octet-stream",
+                                     json.loads(entry.record))
+
+    def room_for_quarantine(self, size: int) -> str:
+        """'' if a quarantine entry of ``size`` bytes may be written, else why not (a nearly full volume)."""
+        return ""
+
+    def _put_record_only(self, stem: str, record: bytes) -> bool:
+        raise NotImplementedError
 
     def _put(self, stem: str, ext: str, data: bytes, content_type: str, metadata: dict[str, str]) -> bool:
         """Store a face; by default as data plus a sidecar JSON of its metadata."""
@@ -180,10 +212,31 @@ class Store:
 class FolderStore(Store):
     """A local folder (or a FUSE mount such as s3fs-fuse), written durably."""
 
-    def __init__(self, root: str | os.PathLike, quarantine_prefix: str):
+    def __init__(self, root: str | os.PathLike, quarantine_prefix: str, quarantine_reserve: float = 0.0):
         super().__init__(str(root), quarantine_prefix)
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.quarantine_reserve = quarantine_reserve
+
+    def room_for_quarantine(self, size: int) -> str:
+        if not self.quarantine_reserve:
+            return ""
+        try:
+            stats = os.statvfs(self.root)
+        except OSError:
+            return ""
+        total, free = stats.f_blocks * stats.f_frsize, stats.f_bavail * stats.f_frsize
+        if total and free - size < total * self.quarantine_reserve:
+            return (f"the store's volume has {free} of {total} bytes free and the last "
+                    f"{self.quarantine_reserve:.0%} are kept for faces")
+        return ""
+
+    def _put_record_only(self, stem, record) -> bool:
+        target = self.root / f"{stem}.json"
+        if target.exists():
+            return False
+        write_atomic(target, record, durable=True)
+        return True
 
     def _put_with_record(self, stem, ext, data, content_type, record) -> bool:
         target = self.root / f"{stem}.{ext}"
@@ -302,6 +355,12 @@ class FsspecStore(Store):
 
     def delete_tree(self, prefix: str) -> None:
         self.fs.rm(self._path(_safe_relative(prefix)), recursive=True)
+    def _put_record_only(self, stem, record) -> bool:
+        target = self._path(f"{stem}.json")
+        if self._exists(target):
+            return False
+        self.fs.pipe_file(target, record)
+        return True
 
 
 class S3Store(FsspecStore):
@@ -338,6 +397,9 @@ class S3Store(FsspecStore):
             return False
         self._write(self._path(f"{stem}.json"), _json_bytes(record), "application/json", {})
         return self._write(target, data, content_type, {})
+
+    def _put_record_only(self, stem, record) -> bool:
+        return self._write(self._path(f"{stem}.json"), record, "application/json", {})
 
     def _write(self, path: str, data: bytes, content_type: str, metadata: dict[str, str]) -> bool:
         """One PUT, exclusive when the store supports it; False if the key exists."""
@@ -407,6 +469,19 @@ class S3Store(FsspecStore):
         return removed
 
 
+@dataclass(frozen=True)
+class QuarantineEntry:
+    """A quarantine write: its key stem, its record as JSON, and the payload unless it is not kept."""
+
+    stem: str
+    record: bytes
+    payload: bytes | None
+
+    @property
+    def size(self) -> int:
+        return len(self.record) + (len(self.payload) if self.payload is not None else 0)
+
+
 def _json_bytes(record: dict[str, Any]) -> bytes:
     return (json.dumps(record, sort_keys=True, ensure_ascii=True, indent=1) + "\n").encode()
 
@@ -419,5 +494,5 @@ def open_store(config: SaverConfig) -> Store:
         return S3Store(config)
     if protocol in ("file", "local"):
         path = url.split("://", 1)[1] if "://" in url else url
-        return FolderStore(path, config.quarantine_prefix)
+        return FolderStore(path, config.quarantine_prefix, config.quarantine_reserve)
     return FsspecStore(url, config.quarantine_prefix)

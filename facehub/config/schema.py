@@ -198,6 +198,24 @@ class SaverConfig:
     timeout: float = 30.0  # seconds one storage call may take
     retry_min: float = 0.5  # first delay before retrying a failed write, seconds
     retry_max: float = 30.0  # longest delay before retrying a failed write, seconds
+    max_pixels: int = 4096 * 4096  # largest image accepted, in pixels its header declares (read before decoding)
+    decoders: int = 1  # decoder processes per saver (each about 60 MiB plus up to decode_memory while decoding)
+    # bytes a decoder process may allocate beyond its idle size (RLIMIT_AS); an image of max_pixels needs up to
+    # 8 bytes a pixel (a WebP with alpha), so at least that plus 32 MiB
+    decode_memory: int = 192 * 1024 * 1024
+    decode_timeout: float = 10.0  # seconds one decode may take; a late decoder is killed and replaced
+    # attempts at one message that may end in a saver or decoder crash or timeout; then it is quarantined
+    # without its payload and acknowledged
+    max_attempts: int = 3
+    queue_size: int = 1000  # messages waiting in memory for a worker; QoS 0 messages beyond it are dropped, counted
+    queue_bytes: int = 16_000_000  # payload bytes waiting in memory; QoS 0 messages beyond it are dropped, counted
+    quarantine_max_messages: int = 1000  # rejected messages kept per device per UTC day (0 = no limit)
+    quarantine_max_bytes: int = 20_000_000  # bytes of rejected messages kept per device per UTC day (0 = no limit)
+    quarantine_rate: float = 1.0  # rejected messages kept per second per device, sustained (0 = no limit)
+    quarantine_burst: int = 60  # rejected messages a device may have kept in a burst before quarantine_rate applies
+    # bytes of rejected messages kept per UTC day by one saver for all devices together (0 = no limit)
+    quarantine_total_bytes: int = 200_000_000
+    quarantine_reserve: float = 0.1  # share of a folder store's volume that quarantine copies leave free for faces
 
     def validate(self, section: str = "saver") -> None:
         _check(bool(self.url), f"{section}.url", "must not be empty")
@@ -214,6 +232,21 @@ class SaverConfig:
         _check(self.timeout > 0, f"{section}.timeout", "must be > 0")
         _check(0 < self.retry_min <= self.retry_max, f"{section}.retry_min",
                "must be > 0 and <= retry_max")
+        _check(self.max_pixels >= 1, f"{section}.max_pixels", "must be >= 1")
+        _check(1 <= self.decoders <= 64, f"{section}.decoders", "must be 1..64")
+        _check(self.decode_memory >= 8 * self.max_pixels + 32 * 1024 * 1024, f"{section}.decode_memory",
+               f"must be >= 8 bytes per pixel of max_pixels plus 32 MiB ({8 * self.max_pixels + 32 * 1024 * 1024})")
+        _check(self.decode_timeout > 0, f"{section}.decode_timeout", "must be > 0")
+        _check(self.max_attempts >= 1, f"{section}.max_attempts", "must be >= 1")
+        _check(self.queue_size >= 1, f"{section}.queue_size", "must be >= 1")
+        _check(self.queue_bytes >= self.max_bytes, f"{section}.queue_bytes", "must be >= max_bytes")
+        for key in ("quarantine_max_messages", "quarantine_max_bytes", "quarantine_total_bytes",
+                    "quarantine_burst"):
+            _check(getattr(self, key) >= 0, f"{section}.{key}", "must be >= 0 (0 = no limit)")
+        _check(self.quarantine_rate >= 0, f"{section}.quarantine_rate", "must be >= 0 (0 = no limit)")
+        _check(not self.quarantine_rate or self.quarantine_burst >= 1, f"{section}.quarantine_burst",
+               "must be >= 1 when quarantine_rate is set")
+        _check(0 <= self.quarantine_reserve < 1, f"{section}.quarantine_reserve", "must be >= 0 and < 1")
 
 
 @dataclass
