@@ -6,6 +6,7 @@
     facehub bench pipeline [--source PATH] [--loops N]
     facehub bench persistence [--outage SECONDS] [--face-rate N] [--setting LABEL ...]
     facehub bench console  [--console-faces N] [--console-s3-faces N]
+    facehub bench motion   [--faces DIR] [--model YUNET.onnx] [--motion pan:2 ...] [--split NAME] [--quarter-core]
 
 Every figure is measured in the run that prints it, with the typical
 implementation (``bench/baseline.py``) measured beside FaceHub on the same
@@ -13,7 +14,10 @@ input. ``bench detector`` measures throughput (frames fed flat out) and
 latency at a camera's rate (``--rate``), and ends with ``frames=N faces=N
 fps=X`` for FaceHub on the given source. ``bench persistence`` kills a broker
 with SIGKILL after its consumer was away for ``--outage`` seconds, for each
-autosave setting, and prints what was lost and what saving cost.
+autosave setting, and prints what was lost and what saving cost. ``bench
+motion`` scores what each detector setting publishes from clips panning and
+zooming over the labelled photos at camera pace (``--quarter-core`` runs them
+again in a cgroup limited to a quarter of one CPU, which needs root).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 from facehub.config import ConfigError, load
 from facehub.dev import MissingExtra, require_extra
 
+DEFAULT_MOTIONS = ("pan:2", "pan:5", "pan:10", "zoom:4")  # bench motion clips: px per frame
 CROWD_PHOTO = "2007_007763.jpg"  # seven faces: the busy scene of the detector benchmark
 CORES_FRAMES = 40  # full searches per way of using the cores
 LATENCY_FRAMES = 300  # 10 s at 30 fps per latency row
@@ -43,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``facehub bench``, for this module's parser and for the CLI's subparser."""
     parser.add_argument("what", nargs="?", default="all",
-                        choices=("all", "detector", "quality", "pipeline", "persistence", "console"),
+                        choices=("all", "detector", "quality", "pipeline", "persistence", "console", "motion"),
                         help="the section to run (default: all of them, about 20 minutes)")
     parser.add_argument("--source", help="video file, camera index or URL (default: the built-in clip)")
     parser.add_argument("--threads", type=int, action="append",
@@ -68,6 +73,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bench persistence: faces/s published (10 KB each)")
     parser.add_argument("--setting", action="append",
                         help="bench persistence: only this autosave setting (repeatable; default: all)")
+    parser.add_argument("--motion", action="append",
+                        help="bench motion: a clip, pan:SPEED or zoom:SPEED in px/frame (repeatable; "
+                             "default: " + " ".join(DEFAULT_MOTIONS) + ")")
+    parser.add_argument("--split", action="append", choices=("tuned", "held-back"),
+                        help="bench motion: photos to make clips of (default: both, reported apart)")
+    parser.add_argument("--quarter-core", action="store_true",
+                        help="bench motion: also run every detector in a cgroup limited to a quarter of one CPU")
 
 
 def main(argv: list[str] | argparse.Namespace | None = None, config_path: str | None = None) -> int:
@@ -101,6 +113,10 @@ def main(argv: list[str] | argparse.Namespace | None = None, config_path: str | 
         persistence.main(seconds=args.outage, rate=args.face_rate, settings=args.setting)
         if args.what == "persistence":
             return 0
+    if args.what in ("all", "motion"):
+        status = bench_motion(config, args)
+        if args.what == "motion":
+            return status
     if args.what in ("all", "detector"):
         if not args.source:
             bench_crowd(config, args)
@@ -207,6 +223,32 @@ def bench_quality(config, args) -> None:
         image = cv2.imread(str(dogs))
         print("\nfalse faces on dogs.jpg: " + ", ".join(f"{short_name(name)} {len(detect(image))}"
                                                          for name, detect in rows))
+
+
+def bench_motion(config, args) -> int:
+    """Coverage, false and off-centre crops from a moving camera, per split, for each detector setting."""
+    from facehub.dev.bench import motion
+
+    if not (args.faces / "training.xml").is_file():
+        print(f"\n(no labelled photos at {args.faces}: motion table skipped; pass --faces DIR)")
+        return 0
+    motions = tuple(args.motion or DEFAULT_MOTIONS)
+    rows = motion.settings(args.model if args.model.is_file() else None, config.detector)
+    limits = [False, True] if args.quarter_core else [False]
+    for quarter in limits:
+        where = (f"a quarter of one core (cgroup cpu quota {motion.QuarterCore.QUOTA}/{motion.QuarterCore.PERIOD}, "
+                 "one cpuset CPU)" if quarter else f"this machine ({os.cpu_count()} cores)")
+        for split in args.split or list(motion.SPLITS):
+            try:
+                results = motion.measure(args.faces, split, motions, rows, quarter_core=quarter)
+            except motion.CgroupError as error:
+                print(f"facehub bench motion --quarter-core: {error}")
+                return 2
+            photos = ", ".join(motion.SPLITS[split])
+            print(f"\n## Motion quality, {split} photos ({photos}), 640x480 at {motion.RATE:g} fps "
+                  f"camera pace, on {where}\n")
+            print(motion.table(results, motions))
+    return 0
 
 
 def short_name(row: str) -> str:
