@@ -376,3 +376,29 @@ def table(results: dict[str, list[MotionScore]], motions: tuple[str, ...]) -> st
                          f"{s.coverage:.2f} | {s.crops} | {s.false_share:.0%} | {s.off_centre_share:.0%} | "
                          f"{s.false_share + s.off_centre_share:.0%} | {s.per_face:.2f} |")
     return "\n".join(lines)
+
+
+def trail_cost(folder: Path, faces: int = 7, kept: int = 30, repeats: int = 5) -> tuple[float, float]:
+    """What carrying costs at 640x480 on one OpenCV thread: ms to keep a frame, ms per kept frame to carry ``faces``."""
+    from facehub.edge.detection.trail import Trail
+
+    clip = make_clip(folder, "tuned", "pan:2")
+    frames = [clip.frame(index) for index in range(kept + 1)]
+    boxes = sorted(clip.truth(0), key=lambda box: box[0])[:faces]
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    keep = carry = float("inf")
+    trail = Trail()
+    try:
+        for _ in range(repeats):
+            trail.start(frames[0])
+            started = time.perf_counter()
+            for frame in frames[1:]:
+                trail.add(frame)
+            middle = time.perf_counter()
+            trail.carry(boxes)
+            ended = time.perf_counter()
+            keep, carry = min(keep, (middle - started) / kept), min(carry, (ended - middle) / kept)
+    finally:
+        cv2.setNumThreads(threads)
+    return keep * 1000, carry * 1000

@@ -42,6 +42,7 @@ class Backend:
     """Base class: subclasses implement :meth:`prepare`, :meth:`find` and optionally :meth:`accept`."""
 
     name = "backend"
+    follow_face = FOLLOW_FACE
 
     def __init__(self, detect_width: int = 640, upscale: float = 1.0):
         self.detect_width = detect_width
@@ -81,13 +82,13 @@ class Backend:
         factor = self.factor_for(frame.shape[1])
         image = self.prepare(frame, factor)
         boxes = self.accept(image, self.find(image))
-        return self._to_frame(boxes, factor, frame.shape)
+        return self.to_frame(boxes, factor, frame.shape)
 
     def follow(self, frame: np.ndarray, boxes: Sequence[Sequence[int]]) -> list[Detection]:
         """Re-find already tracked faces near their last ``boxes``: much cheaper than :meth:`detect`.
 
         Each face is searched for only in a window around its last box, resampled
-        so the face is :data:`FOLLOW_FACE` pixels wide, and only at sizes close to
+        so the face is ``follow_face`` pixels wide, and only at sizes close to
         its last size; a face not re-found is left out.
         """
         if not boxes:
@@ -102,17 +103,18 @@ class Backend:
             size = max(last[2], last[3])
             if w < 8 or h < 8 or size < 4:
                 continue
-            scale = FOLLOW_FACE / size
+            scale = self.follow_face / size
             window = resize(image[y:y + h, x:x + w], scale)
-            hits = self.find_near(window, int(FOLLOW_FACE / FOLLOW_RANGE), int(FOLLOW_FACE * FOLLOW_RANGE) + 1)
+            hits = self.find_near(window, int(self.follow_face / FOLLOW_RANGE), int(self.follow_face * FOLLOW_RANGE) + 1)
             hits = [(x + hx / scale, y + hy / scale, hw / scale, hh / scale, *rest)
                     for hx, hy, hw, hh, *rest in hits]
             best = max(hits, key=lambda hit: iou(hit, last), default=None)
             if best is not None and iou(best, last) >= FOLLOW_IOU and not any(same_face(best, f) for f in found):
                 found.append(best)  # two tracks converging on one face: the first (older) keeps it
-        return self._to_frame(found, factor, frame.shape)
+        return self.to_frame(found, factor, frame.shape)
 
-    def _to_frame(self, boxes: list[tuple], factor: float, shape: tuple) -> list[Detection]:
+    def to_frame(self, boxes: list[tuple], factor: float, shape: tuple) -> list[Detection]:
+        """Boxes measured on an image resized by ``factor`` as detections in a frame of ``shape``, clipped."""
         height, width = shape[:2]
         result = []
         for box in boxes:

@@ -25,6 +25,7 @@ from facehub.edge.detection.base import Detection
 from facehub.edge.detection.crop import crop, encode_jpeg, same_face
 from facehub.edge.detection.source import parse_source
 from facehub.edge.detection.tracker import Tracker
+from facehub.edge.detection.trail import Trail
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +55,12 @@ class FaceFinder:
     * *background*: on a thread of its own (OpenCV releases the GIL, so it runs
       on another core when there is one) while every frame only follows the
       tracked faces. When a search ends, the faces it found that are not
-      tracked yet are looked for again, near where they were, in the frame at
-      hand: their first crop comes from the newest frame, not from one a search
-      old, and no frame waits for a search. A face the quick re-find misses is
-      used at the position the search found.
+      tracked yet are carried through the frames seen meanwhile (a
+      :class:`Trail` of small grey copies, followed with optical flow) to the
+      frame at hand and re-found there (or used where the flow put them):
+      their first crop comes from the newest frame, never from one a search
+      old, and no frame waits for a search. A face the flow loses is not
+      sent; the next search finds it again.
     """
 
     def __init__(self, cfg: DetectorConfig, device_id: str, background: bool = False):
@@ -69,6 +72,7 @@ class FaceFinder:
         self.search_ms: list[float] = []  # how long each full search took, until the caller takes them
         # OpenCV's detectors keep per-image state: the search thread gets a backend of its own
         self.searcher = BackgroundSearch(make_backend(cfg), self.search_ms) if background else None
+        self.trail = Trail()  # the frames since the running background search started
 
     @property
     def background(self) -> bool:
@@ -86,15 +90,19 @@ class FaceFinder:
         return self.backend.follow(frame, boxes) if boxes else []
 
     def _locate_with_background_search(self, frame: np.ndarray) -> list[Detection]:
+        self.trail.add(frame)
+        found = self.searcher.take()
+        carried = [box for box in self.trail.carry(found) if box is not None] if found is not None else []
         tracked = self.tracker.boxes()
-        found = [d for d in self.searcher.take() if not any(same_face(d, box) for box in tracked)]
+        new = [box for box in carried if not any(same_face(box, other) for other in tracked)]
         self._until_detect -= 1
         if self._until_detect <= 0 and self.searcher.submit(frame):
             self._until_detect = self.cfg.detect_every
-        boxes = tracked + [d.box for d in found]
+            self.trail.start(frame)
+        boxes = tracked + new
         located = self.backend.follow(frame, boxes) if boxes else []
-        missed = [d for d in found if not any(same_face(d, hit) for hit in located)]
-        return located + missed
+        missed = [box for box in new if not any(same_face(box, hit) for hit in located)]
+        return located + self.backend.to_frame(missed, 1.0, frame.shape)
 
     def select(self, detections: Sequence[Detection], frame: np.ndarray, number: int, captured_ms: int,
                clock: float) -> tuple[list[Face], int]:
@@ -144,10 +152,10 @@ class BackgroundSearch:
         self._running = self._pool.submit(timed_search, self.backend, frame, self.durations)
         return True
 
-    def take(self) -> list[Detection]:
-        """The faces of the last search if it has ended (once), else nothing; re-raises its error."""
+    def take(self) -> list[Detection] | None:
+        """The faces of the last search once it has ended (once), else None; re-raises its error."""
         if self._running is None or not self._running.done():
-            return []
+            return None
         found, self._running = self._running.result(), None
         return found
 
