@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "config":
         print(json.dumps(config.to_dict(mask_secrets=True), indent=2, sort_keys=True))
+        backend, why = config.detector.detection()
+        print(f"detector: {backend} ({why})", file=sys.stderr)  # stdout stays one JSON document
         return 0
     if args.command == "console":
         from facehub.cloud.console import cli as console

@@ -69,6 +69,40 @@ def test_config_check_prints_masked_secrets():
     assert "hunter2" not in result.stdout and "s3cr3t" not in result.stdout
 
 
+def test_auto_backend_is_yunet_where_its_model_is(monkeypatch, tmp_path):
+    from conftest import YUNET_MODEL
+
+    from facehub.config import schema
+    from facehub.edge.detection import make_backend
+
+    monkeypatch.setattr(schema, "DEFAULT_YUNET_MODEL", str(tmp_path / "absent.onnx"))
+    config = load(env={})
+    assert config.detector.backend == "auto"
+    assert config.detector.detection() == ("haar", f"backend 'auto' and no YuNet model at {tmp_path / 'absent.onnx'}")
+    assert make_backend(config.detector).name == "haar"
+    if not YUNET_MODEL.is_file():
+        pytest.skip(f"YuNet model not found at {YUNET_MODEL}")
+    monkeypatch.setattr(schema, "DEFAULT_YUNET_MODEL", str(YUNET_MODEL))  # where the image puts it
+    assert make_backend(load(env={}).detector).name == "yunet"
+    given = load(env={"FACEHUB_DETECTOR_MODEL_PATH": str(YUNET_MODEL)}).detector
+    assert given.detection()[0] == "yunet" and make_backend(given).name == "yunet"
+    forced = load(env={"FACEHUB_DETECTOR_MODEL_PATH": str(YUNET_MODEL), "FACEHUB_DETECTOR_BACKEND": "haar"}).detector
+    assert forced.detection() == ("haar", "set by detector.backend") and make_backend(forced).name == "haar"
+
+
+def test_config_check_says_which_detector_runs_and_why():
+    from conftest import YUNET_MODEL
+
+    env = {"PATH": "/usr/bin:/bin", "FACEHUB_DETECTOR_MODEL_PATH": str(YUNET_MODEL)}
+    if not YUNET_MODEL.is_file():
+        pytest.skip(f"YuNet model not found at {YUNET_MODEL}")
+    result = subprocess.run([sys.executable, "-m", "facehub.cli", "config", "check"], env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["detector"]["backend"] == "auto"
+    assert f"detector: yunet (backend 'auto' and the YuNet model is at {YUNET_MODEL})" in result.stderr
+
+
 def test_config_check_reports_bad_key():
     env = {"FACEHUB_DETECTOR_JPEG_QUALITY": "101", "PATH": "/usr/bin:/bin"}
     result = subprocess.run([sys.executable, "-m", "facehub.cli", "config", "check"], env=env,

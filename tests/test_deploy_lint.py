@@ -85,7 +85,7 @@ def test_committed_manifests_validate_strictly(version):
 
 VARIANTS = {
     "device-plugin-camera": {"facehub_edge_camera_resource": "squat.ai/video"},
-    "yunet-fetched": {"facehub_edge_yunet_fetch": True},
+    "yunet-not-fetched": {"facehub_edge_yunet_fetch": False},
     "file-source": {"facehub_edge_camera_device": "", "facehub_edge_detector_source": "/srv/clip.mp4",
                     "facehub_edge_host_files": ["/srv/clip.mp4"], "facehub_edge_node_selector": {},
                     "facehub_edge_extra_env": {"FACEHUB_DETECTOR_LOOP": True}},

@@ -134,6 +134,7 @@ build() {  # build TAG FILE [args]: podman build with the host's CA bundle for p
     podman build --pull=never --network host --format docker \
         --build-arg BASE_IMAGE=localhost/facehub-ci-base:bookworm \
         --build-arg PIP_CERT=/etc/ssl/host-ca.crt \
+        --build-arg FACEHUB_FETCH_YUNET=false \
         --volume /etc/ssl/certs/ca-certificates.crt:/etc/ssl/host-ca.crt:ro \
         "${extra[@]}" "$@" -f "$file" -t "$tag" "$root" > "$work/build-${tag##*/}.log" 2>&1 ||
         { tail -30 "$work/build-${tag##*/}.log"; fail "build of $file"; }

@@ -23,6 +23,9 @@ SECRET_KEYS = {"password", "secret", "key_secret", "secret_access_key", "key", "
 MASK = "********"
 SESSION_NEVER_EXPIRES = 0xFFFFFFFF  # MQTT v5: the broker keeps the session until the client ends it
 SEARCH_MODES = ("auto", "background", "inline")
+BACKENDS = ("auto", "haar", "yunet")
+# where the image and the edge role put the OpenCV model zoo's YuNet model: backend "auto" uses it when present
+DEFAULT_YUNET_MODEL = "/opt/facehub/models/face_detection_yunet_2023mar.onnx"
 DEDUP_POLICIES = ("better", "largest", "first")
 
 
@@ -67,20 +70,25 @@ class BrokerConfig:
 class DetectorConfig:
     """Camera source, detection backend and what to send per face.
 
-    Haar defaults (see facehub/edge/detection/haar.py): proposals from
-    ``cascade`` at ``scale_factor``/``min_neighbors``, each confirmed by
+    ``backend = "auto"`` runs YuNet when its model file is there
+    (``model_path``, or where the image and the edge role put it), Haar
+    otherwise; ``facehub config check`` and the detector's first log line say
+    which runs and why. Haar (see facehub/edge/detection/haar.py): proposals
+    from ``cascade`` at ``scale_factor``/``min_neighbors``, each confirmed by
     ``verify_cascade`` firing at least ``verify_hits`` times (0 = off).
     ``min_size`` is in pixels of the detection image (frames are shrunk to
     ``detect_width``, or enlarged by up to ``upscale`` when narrower).
-    ``score_threshold`` and ``nms_threshold`` are YuNet's. Duplicates: at most
-    one crop per track per ``dedup_interval`` seconds (0 = every detection),
-    chosen by ``dedup_policy`` (see facehub/edge/detection/tracker.py: "better" sends
-    a later crop only when it is clearly larger than those sent, "largest"
-    holds the largest of each interval, "first" refreshes once per interval); a
-    track ends when unseen for ``track_timeout`` seconds. ``search``: where the
-    full search runs ("background" on its own thread while every frame follows
-    the tracked faces, "inline" on the frame itself, "auto" = background for
-    live or paced sources, inline for a file read as fast as possible).
+    ``score_threshold`` and ``nms_threshold`` are YuNet's. A new face is sent
+    once seen in ``confirm_frames`` frames (false positives on clutter rarely
+    last). Duplicates: at most one crop per track per ``dedup_interval``
+    seconds (0 = every detection), chosen by ``dedup_policy`` (see
+    facehub/edge/detection/tracker.py: "better" sends a later crop only when it
+    is clearly larger than those sent, "largest" holds the largest of each
+    interval, "first" refreshes once per interval); a track ends when unseen
+    for ``track_timeout`` seconds. ``search``: where the full search runs
+    ("background" on its own thread while every frame follows the tracked
+    faces, "inline" on the frame itself, "auto" = background for live or paced
+    sources, inline for a file read as fast as possible).
     """
 
     # camera index or /dev/videoN, video file, rtsp:// or http:// URL, GStreamer pipeline, or 'sample'
@@ -90,11 +98,12 @@ class DetectorConfig:
     height: int = 0  # frame height requested from a camera (0 = camera default)
     # frames per second requested from a camera; for a file, play it at this pace (0 = as fast as possible)
     fps: float = 0.0
-    backend: str = "haar"  # 'haar' (OpenCV's bundled cascades) or 'yunet' (a DNN, needs model_path)
+    # 'auto' (YuNet when its model file is there, else Haar), 'haar' (OpenCV's bundled cascades) or 'yunet'
+    backend: str = "auto"
     cascade: str = "haarcascade_frontalface_default.xml"  # Haar cascade that proposes faces
     verify_cascade: str = "haarcascade_frontalface_alt.xml"  # Haar cascade that must confirm each proposal
-    verify_hits: int = 3  # confirmations a proposal needs (0 = no verification)
-    model_path: str = ""  # YuNet ONNX model file
+    verify_hits: int = 8  # confirmations a proposal needs (0 = no verification)
+    model_path: str = ""  # YuNet ONNX model file (empty: /opt/facehub/models/face_detection_yunet_2023mar.onnx)
     scale_factor: float = 1.1  # Haar image pyramid step
     min_neighbors: int = 1  # Haar overlapping detections a face needs
     min_size: int = 20  # smallest face, in pixels of the detection image
@@ -110,15 +119,29 @@ class DetectorConfig:
     dedup_policy: str = "better"  # which crops of a face are sent: 'better', 'largest' or 'first'
     track_iou: float = 0.3  # overlap that links a detection to a track
     track_timeout: float = 1.0  # seconds a track lives unseen
+    confirm_frames: int = 3  # a new face is sent once seen in this many frames (1 = at once)
     queue_size: int = 1000  # faces waiting for the broker; when full the oldest is dropped and counted
     threads: int = 0  # OpenCV threads (0 = one per core, up to 4)
     reopen_min: float = 0.5  # first delay before reopening a failed source, seconds
     reopen_max: float = 30.0  # longest delay before reopening a failed source, seconds
 
+    @property
+    def yunet_model(self) -> str:
+        """The YuNet model file: ``model_path``, or the default place of the image and the edge role."""
+        return self.model_path or DEFAULT_YUNET_MODEL
+
+    def detection(self) -> tuple[str, str]:
+        """``(backend, why)``: the backend that runs, and the reason, in words."""
+        if self.backend != "auto":
+            return self.backend, "set by detector.backend"
+        if Path(self.yunet_model).is_file():
+            return "yunet", f"backend 'auto' and the YuNet model is at {self.yunet_model}"
+        return "haar", f"backend 'auto' and no YuNet model at {self.yunet_model}"
+
     def validate(self, section: str = "detector") -> None:
-        _check(self.backend in ("haar", "yunet"), f"{section}.backend", "must be 'haar' or 'yunet'")
-        _check(self.backend != "yunet" or bool(self.model_path), f"{section}.model_path",
-               "is required for the yunet backend")
+        _check(self.backend in BACKENDS, f"{section}.backend", "must be " + " or ".join(map(repr, BACKENDS)))
+        _check(self.backend != "yunet" or Path(self.yunet_model).is_file(), f"{section}.model_path",
+               f"the yunet backend needs its model file (not found: {self.yunet_model})")
         _check(not self.model_path or Path(self.model_path).is_file(), f"{section}.model_path",
                f"file not found: {self.model_path}")
         _check(self.scale_factor > 1.0, f"{section}.scale_factor", "must be > 1.0")
@@ -138,6 +161,7 @@ class DetectorConfig:
         _check(self.dedup_interval >= 0, f"{section}.dedup_interval", "must be >= 0 (0 = send all)")
         _check(0 < self.track_iou <= 1, f"{section}.track_iou", "must be > 0 and <= 1")
         _check(self.track_timeout > 0, f"{section}.track_timeout", "must be > 0")
+        _check(self.confirm_frames >= 1, f"{section}.confirm_frames", "must be >= 1 (1 = send at once)")
         _check(self.queue_size >= 1, f"{section}.queue_size", "must be >= 1")
         _check(self.threads >= 0, f"{section}.threads", "must be >= 0 (0 = one per CPU core, up to 4)")
         _check(0 < self.reopen_min <= self.reopen_max, f"{section}.reopen_min",

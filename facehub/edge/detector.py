@@ -71,8 +71,9 @@ def run(config: Config, runtime: Runtime) -> None:
     publisher = FacePublisher(config, runtime)
     publisher.start()
     reader = FrameReader(cfg, runtime)
-    log.info("detector: %s backend, full search %s, publishing on %s at QoS %d", finder.backend.name,
-             "in the background" if finder.background else "inline", config.topic, config.local.qos)
+    log.info("detector: %s backend (%s), full search %s, publishing on %s at QoS %d", finder.backend.name,
+             cfg.detection()[1], "in the background" if finder.background else "inline", config.topic,
+             config.local.qos)
     try:
         for frame, number, captured_ms, clock in reader.frames():
             runtime.count("frames")

@@ -40,16 +40,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from facehub.dev.bench.quality import MATCH_IOU, labelled_photos
+from facehub.dev.bench.quality import MATCH_IOU, NEGATIVE, SPLITS, labelled_photos
 from facehub.edge.detection.crop import clip_box, intersection, iou
 
 WIDTH, HEIGHT = 640, 480
 RATE = 30.0
 SCENE_HEIGHT = 528  # the strip is a little taller than a frame: pans also move up and down
 BACKGROUND = 114  # grey around the strip
-SPLITS = {"tuned": ("2007_007763.jpg", "2008_001009.jpg"),
-          "held-back": ("2008_002079.jpg", "2008_001322.jpg")}
-NEGATIVE = "dogs.jpg"
 ZOOM_RANGE = 1.6  # a zoom clip goes from 1x to this and back
 ZOOM_RADIUS = 400.0  # a frame corner's distance from the centre: it moves ``speed`` px per frame
 

@@ -35,8 +35,9 @@ __all__ = [
 
 
 def make_backend(cfg: DetectorConfig) -> Backend:
-    """The configured detection backend; ``ValueError`` when its files cannot be loaded."""
-    if cfg.backend == "yunet":
+    """The configured detection backend (``cfg.detection()`` says which); ``ValueError`` when its files
+    cannot be loaded."""
+    if cfg.detection()[0] == "yunet":
         from facehub.edge.detection.yunet import YuNetBackend
 
         return YuNetBackend(cfg)

@@ -67,7 +67,8 @@ class FaceFinder:
         self.cfg = cfg
         self.device_id = device_id
         self.backend = make_backend(cfg)
-        self.tracker = Tracker(cfg.track_iou, cfg.dedup_interval, cfg.track_timeout, cfg.dedup_policy)
+        self.tracker = Tracker(cfg.track_iou, cfg.dedup_interval, cfg.track_timeout, cfg.dedup_policy,
+                               cfg.confirm_frames)
         self._until_detect = 0
         self.search_ms: list[float] = []  # how long each full search took, until the caller takes them
         # OpenCV's detectors keep per-image state: the search thread gets a backend of its own

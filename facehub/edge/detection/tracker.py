@@ -6,8 +6,10 @@ detections across frames into tracks (greedy intersection-over-union
 matching: a detection continues the track whose last box it overlaps most)
 and applies a duplicate-suppression policy. In every policy the first
 sighting of a new track is sent at once, so a face reaches the broker within
-a frame of being found, and two crops of one track are at least ``interval``
-seconds apart. After the first crop:
+a frame of being *confirmed* (seen in ``confirm`` frames: a detector's false
+positives on clutter rarely last, a face does), and two crops of one track are
+at least ``interval`` seconds apart. Sightings of a track not yet confirmed are
+counted as suppressed. After the first crop:
 
 * ``"better"`` (the default): a sighting is sent at once, when the interval
   has passed, only if it is larger than every crop already sent for the track
@@ -71,13 +73,14 @@ class Tracker:
     """Intersection-over-union tracker with per-track duplicate suppression."""
 
     def __init__(self, iou_threshold: float = 0.3, interval: float = 1.0, timeout: float = 1.0,
-                 policy: str = "better"):
+                 policy: str = "better", confirm: int = 1):
         if policy not in POLICIES:
             raise ValueError(f"unknown duplicate policy {policy!r}: one of {', '.join(POLICIES)}")
         self.iou_threshold = iou_threshold
         self.interval = interval
         self.timeout = timeout
         self.policy = policy
+        self.confirm = confirm
         self.tracks: dict[int, Track] = {}
         self._ids = itertools.count(1)
 
@@ -137,7 +140,9 @@ class Tracker:
     def _offer(self, track: Track, detection: Any, now: float, keep: Callable[[Any], Any],
                step: Step) -> None:
         area = int(detection[2]) * int(detection[3])
-        if self.interval <= 0 or track.last_sent is None:
+        if track.sightings < self.confirm:
+            step.suppressed += 1
+        elif self.interval <= 0 or track.last_sent is None:
             self._send(track, keep(detection), area, now, step)
         elif self.policy == "largest":
             self._hold_if_largest(track, detection, area, keep, step)

@@ -1,8 +1,9 @@
 """YuNet backend: OpenCV's small CNN face detector (``cv2.FaceDetectorYN``).
 
 Far better than Haar on turned, tilted, small or badly lit faces, at a
-similar cost per frame; it needs the ONNX model file (``detector.model_path``,
-the OpenCV model zoo's ``face_detection_yunet_2023mar.onnx``). Its score is
+lower cost per frame; it needs the ONNX model file (``detector.model_path``,
+the OpenCV model zoo's ``face_detection_yunet_2023mar.onnx``, which the image
+and the edge role put where ``backend = "auto"`` looks for it). Its score is
 sent with each face. ``score_threshold`` 0.8 keeps every face in the labelled
 test photos (their lowest score is about 0.86) and drops the dog faces in
 ``dogs.jpg`` (up to about 0.77); the model zoo's own demo uses 0.9.
@@ -27,13 +28,14 @@ class YuNetBackend(Backend):
 
     def __init__(self, cfg: DetectorConfig):
         super().__init__(cfg.detect_width, cfg.upscale)
-        if not cfg.model_path or not Path(cfg.model_path).is_file():
-            raise ValueError(f"YuNet model not found: {cfg.model_path!r} (set detector.model_path)")
+        path = cfg.yunet_model
+        if not Path(path).is_file():
+            raise ValueError(f"YuNet model not found: {path!r} (set detector.model_path)")
         try:
-            self.net = cv2.FaceDetectorYN.create(cfg.model_path, "", (320, 320), cfg.score_threshold,
+            self.net = cv2.FaceDetectorYN.create(path, "", (320, 320), cfg.score_threshold,
                                                  cfg.nms_threshold, TOP_K)
         except cv2.error as error:
-            raise ValueError(f"cannot load YuNet model {cfg.model_path}: {error}") from None
+            raise ValueError(f"cannot load YuNet model {path}: {error}") from None
         self.input_size = (320, 320)
 
     def prepare(self, frame: np.ndarray, factor: float) -> np.ndarray:
