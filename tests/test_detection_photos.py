@@ -22,25 +22,43 @@ def test_labels_are_read(shared_faces):
     assert len(photos) == 4 and sum(len(boxes) for boxes in photos.values()) == 18
 
 
+HAAR = DetectorConfig(backend="haar")  # the built-in defaults where no YuNet model is installed
+
+
 def test_default_haar_settings_recall_and_precision(shared_faces):
-    hits, false, total = score(make_backend(DetectorConfig()), shared_faces)
+    hits, false, total = score(make_backend(HAAR), shared_faces)
     recall, precision = hits / total, hits / (hits + false)
-    assert recall >= 0.9 and precision >= 0.9, f"recall {recall:.2f}, precision {precision:.2f}"
+    assert recall >= 0.8 and precision >= 0.95, f"recall {recall:.2f}, precision {precision:.2f}"
+
+
+def test_default_haar_settings_on_the_held_back_photos(shared_faces):
+    """The photos the defaults were not chosen on: every face, nothing else (no variants: those vary)."""
+    result = quality.score_split(make_backend(HAAR).detect, shared_faces, "held-back", augment=False)
+    assert (result.hits, result.false) == (result.labelled, 0)
+
+
+def test_variants_keep_the_labels_on_the_faces(shared_faces):
+    (name, image, labels), *_ = quality.split_photos(shared_faces, "tuned")
+    shown = quality.variants(image, labels)
+    assert [what for what, _, _ in shown][:3] == ["original", "smaller x0.8", "larger x1.3"]
+    _, small, boxes = shown[1]
+    assert small.shape[1] == round(image.shape[1] * 0.8) and boxes[0][2] == pytest.approx(labels[0][2] * 0.8)
+    assert all(variant.shape[2] == 3 for _, variant, _ in shown)
 
 
 def test_default_haar_settings_find_nothing_on_dogs(shared_faces):
-    assert make_backend(DetectorConfig()).detect(cv2.imread(str(shared_faces / "dogs.jpg"))) == []
+    assert make_backend(HAAR).detect(cv2.imread(str(shared_faces / "dogs.jpg"))) == []
 
 
 def test_verification_is_what_keeps_precision(shared_faces):
     """Without the second cascade the same proposals bring false positives (the test can fail)."""
-    hits, false, _ = score(make_backend(DetectorConfig(verify_hits=0)), shared_faces)
+    hits, false, _ = score(make_backend(DetectorConfig(backend="haar", verify_hits=0)), shared_faces)
     assert false > 5 and hits >= 17
 
 
 def test_typical_settings_miss_half_the_faces(shared_faces):
     """The usual detectMultiScale(gray, 1.3, 5) finds 9 of the 18: the reference the defaults beat."""
-    hits, _, total = score(make_backend(DetectorConfig(scale_factor=1.3, min_neighbors=5, verify_hits=0)),
+    hits, _, total = score(make_backend(DetectorConfig(backend="haar", scale_factor=1.3, min_neighbors=5, verify_hits=0)),
                            shared_faces)
     assert hits <= total // 2 + 1
 
@@ -64,7 +82,7 @@ def test_detection_on_a_large_frame_is_mapped_back_to_full_resolution():
     ok, frame = capture.read()
     capture.release()
     assert ok
-    backend = make_backend(DetectorConfig())
+    backend = make_backend(HAAR)
     (small,) = backend.detect(frame)
     (large,) = backend.detect(cv2.resize(frame, None, fx=2, fy=2, interpolation=cv2.INTER_LINEAR))
     assert large.w > 100 and iou(large, [2 * v for v in small[:4]]) >= 0.8

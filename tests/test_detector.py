@@ -134,7 +134,7 @@ def test_paced_file_skips_overdue_frames_and_counts_them(broker, tmp_path):
 
 def test_capture_goes_on_while_the_broker_is_down(tmp_path):
     port = free_port()
-    config = detector_config(port, loop=True, dedup_interval=0.0, queue_size=20)
+    config = detector_config(port, loop=True, dedup_interval=0.0, confirm_frames=1, queue_size=20)
     runtime = Runtime("detector")
     depths = []
     thread = start_detector(config, runtime)
@@ -234,6 +234,7 @@ def test_default_settings_follow_the_sample_face():
 def test_background_search_finds_the_face_and_crops_the_newest_frame(backend):
     """Each search is waited for before the next frame, as when frames come slower than a search."""
     config = Config().detector
+    config.backend = backend
     if backend == "yunet":
         assert YUNET_MODEL.is_file(), f"the shared YuNet model is missing: {YUNET_MODEL}"
         config.backend, config.model_path = "yunet", str(YUNET_MODEL)
@@ -252,8 +253,9 @@ def test_background_search_finds_the_face_and_crops_the_newest_frame(backend):
         capture.release()
         finder.close()
     assert frames == 120 and seen >= 0.8 * 102
-    # frame 1 is searched in the background; its face is re-found in, and cropped from, frame 2
-    assert sent[0].frame == 2 and sent[0].track == 1
+    # frame 1 is searched in the background; its face is carried to and re-found in frame 2, followed, and
+    # cropped from the frame where it is confirmed
+    assert sent[0].frame == 1 + config.confirm_frames and sent[0].track == 1
     assert len({face.track for face in sent}) == 2 and len(sent) >= 4
 
 
@@ -271,7 +273,7 @@ def test_search_mode_follows_the_source():
 
 def test_every_detection_is_sent_when_dedup_is_off():
     config = Config().detector
-    config.dedup_interval = 0.0
+    config.dedup_interval, config.confirm_frames = 0.0, 1
     finder = detector.FaceFinder(config, "cam-test")
     capture = cv2.VideoCapture(str(SAMPLE_CLIP))
     detected = sent = 0

@@ -158,3 +158,12 @@ def test_better_policy_ignores_a_slightly_larger_crop():
 def test_unknown_policy_is_refused():
     with pytest.raises(ValueError, match="unknown duplicate policy 'best'"):
         Tracker(policy="best")
+
+
+def test_a_new_face_is_sent_once_seen_in_confirm_frames():
+    tracker = Tracker(interval=0, confirm=3)
+    sent, suppressed = feed(tracker, [(0.0, [A]), (0.1, [A]), (0.2, [A]), (0.3, [A])])
+    assert [seen for _, _, seen in sent] == [0.2, 0.3] and suppressed == 2
+    flicker = Tracker(interval=0, confirm=3, timeout=0.05)
+    sent, _ = feed(flicker, [(0.0, [B]), (0.1, []), (0.2, [B]), (0.3, [])])
+    assert sent == [], "a detection that does not last is never sent"
