@@ -399,3 +399,38 @@ def trail_cost(folder: Path, faces: int = 7, kept: int = 30, repeats: int = 5) -
     finally:
         cv2.setNumThreads(threads)
     return keep * 1000, carry * 1000
+
+
+def search_cost(folder: Path, model: Path | None, frames: int = 20) -> dict[str, float]:
+    """Median ms of one full search of a 640x480 frame of the tuned pan clip, one thread pinned to one core."""
+    import dataclasses
+    import statistics
+
+    from facehub.config import DetectorConfig
+    from facehub.dev.bench import baseline
+    from facehub.dev.bench.detector import on_cores
+    from facehub.edge.detection import make_backend
+
+    clip = make_clip(folder, "tuned", "pan:10")
+    sample = [clip.frame(index) for index in range(0, len(clip), max(1, len(clip) // frames))]
+    detectors = {"typical": baseline.TypicalDetector().detect,
+                 "haar": make_backend(DetectorConfig(backend="haar")).detect}
+    if model is not None and Path(model).is_file():
+        detectors["yunet"] = make_backend(dataclasses.replace(DetectorConfig(), backend="yunet",
+                                                              model_path=str(model))).detect
+    threads = cv2.getNumThreads()
+    costs = {}
+    with on_cores(1):
+        cv2.setNumThreads(1)
+        try:
+            for name, detect in detectors.items():
+                detect(sample[0])  # warm up
+                times = []
+                for frame in sample:
+                    started = time.perf_counter()
+                    detect(frame)
+                    times.append((time.perf_counter() - started) * 1000)
+                costs[name] = statistics.median(times)
+        finally:
+            cv2.setNumThreads(threads)
+    return costs
