@@ -33,7 +33,9 @@ import render  # noqa: E402
 
 WAIT = 10.0
 DEVICES = ["cam-1", "cam-2"]
-PASSWORDS = {"cam-1": "cam-1-0123456789abcdef", "cam-2": "cam-2-0123456789abcdef"}
+READER = "facehub-console"  # reads availability and stats, nothing else
+PASSWORDS = {"cam-1": "cam-1-0123456789abcdef", "cam-2": "cam-2-0123456789abcdef",
+             READER: "console-0123456789abcdef"}
 SAVER_PASSWORD = "savers-0123456789abcdef"
 SAVERS = ["facehub-saver-1", "facehub-saver-2"]
 SHARE = "$share/savers/faces/#"
@@ -126,6 +128,7 @@ def role_values(broker: LockedBroker, data_dir: Path, **overrides) -> dict:
         "mosquitto_passwords": PASSWORDS,
         "mosquitto_saver_password": SAVER_PASSWORD,
         "mosquitto_saver_instances": len(SAVERS),
+        "mosquitto_status_readers": [READER],
     }
     values.update(overrides)
     return values

@@ -20,7 +20,7 @@ import types
 import pytest
 
 from facehub.dev.servers import wait_for
-from locked_broker import (PASSWORDS, SAVER_PASSWORD, SAVERS, SHARE, Session, available, device_client_id,
+from locked_broker import (PASSWORDS, READER, SAVER_PASSWORD, SAVERS, SHARE, Session, available, device_client_id,
                            start_locked_broker)
 
 pytestmark = pytest.mark.skipif(bool(available()), reason=available() or "ok")
@@ -198,6 +198,29 @@ def test_a_device_cannot_publish_as_another_device(connect):
     forger.publish("faces/cam-1", b"marker")
     saver.wait(lambda: b"marker" in saver.payloads(), "the marker")
     assert saver.messages == [("faces/cam-1", b"marker", False)]
+
+
+def test_a_status_reader_sees_availability_and_stats_and_no_face(connect):
+    reader = connect(READER, PASSWORDS[READER], READER)
+    assert reader.accepted
+    for topic in ("facehub/+/availability", "facehub/+/stats", "facehub/cam-2/availability"):
+        assert not reader.subscribe(topic)[0].is_failure, topic
+    for topic in ("faces/#", SHARE, "facehub/#", "#"):
+        assert refused(reader.subscribe(topic)[0]), topic
+    assert refused(reader.publish("faces/cam-2", b"forged"))
+    assert refused(reader.publish("facehub/cam-2/availability", b"offline"))
+    assert not as_device(connect, "cam-1", client_id=READER).accepted
+    saver = as_saver(connect, 1)
+    assert not saver.subscribe(SHARE)[0].is_failure
+    camera = as_device(connect, "cam-2")
+    assert not camera.publish("facehub/cam-2/availability", b"online").is_failure
+    assert not camera.publish("facehub/cam-2/stats", b'{"spool_depth": 0}').is_failure
+    sent = publish_faces(camera, 1)
+    reader.wait(lambda: len(reader.messages) >= 2, "availability and stats")
+    saver.wait(lambda: saver.payloads() == sent, "the face at the saver")
+    reader.round_trip()
+    # (two of its subscriptions match the availability topic: a copy for each)
+    assert sorted({topic for topic, _, _ in reader.messages}) == ["facehub/cam-2/availability", "facehub/cam-2/stats"]
 
 
 # -- the real forwarder and savers, under attack -------------------------------------------------

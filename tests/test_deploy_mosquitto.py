@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from locked_broker import (DEVICES, PASSWORDS, ROOT, SAVER_PASSWORD, SAVERS, SHARE, Session, available,
+from locked_broker import (DEVICES, PASSWORDS, READER, ROOT, SAVER_PASSWORD, SAVERS, SHARE, Session, available,
                            device_client_id, render, start_locked_broker)
 
 broker_needed = pytest.mark.skipif(bool(available()), reason=available() or "ok")
@@ -152,7 +152,7 @@ def test_the_configuration_is_never_written(cloud_broker, sessions):
 
 
 def rendered(**overrides) -> tuple[str, dict]:
-    values = {"mosquitto_devices": DEVICES, "mosquitto_passwords": PASSWORDS,
+    values = {"mosquitto_devices": DEVICES, "mosquitto_passwords": PASSWORDS, "mosquitto_status_readers": [READER],
               "mosquitto_saver_password": SAVER_PASSWORD, "mosquitto_saver_instances": 2, **overrides}
     return render.render("mosquitto", "mosquitto.conf", values), \
         json.loads(render.render("mosquitto", "dynamic-security.json", values))
@@ -174,17 +174,20 @@ def test_every_account_is_bound_to_one_client_id_and_nothing_is_granted_by_defau
     assert dynsec["defaultACLAccess"] == {"publishClientSend": False, "publishClientReceive": False,
                                           "subscribe": False, "unsubscribe": True}
     clients = {client["username"]: client for client in dynsec["clients"]}
-    assert sorted(clients) == sorted(DEVICES + SAVERS)
+    assert sorted(clients) == sorted(DEVICES + SAVERS + [READER])
     assert {name: client["clientid"] for name, client in clients.items()} == {
         "cam-1": "facehub-forwarder-cam-1-cloud", "cam-2": "facehub-forwarder-cam-2-cloud",
-        "facehub-saver-1": "facehub-saver-1", "facehub-saver-2": "facehub-saver-2"}
+        "facehub-saver-1": "facehub-saver-1", "facehub-saver-2": "facehub-saver-2", READER: READER}
     roles = {role["rolename"]: {(acl["acltype"], acl["topic"]) for acl in role["acls"] if acl["allow"]}
              for role in dynsec["roles"]}
     assert roles["device-cam-1"] == {("publishClientSend", "faces/cam-1/#"), ("publishClientSend", "facehub/cam-1/#")}
     assert roles["device-cam-2"] == {("publishClientSend", "faces/cam-2/#"), ("publishClientSend", "facehub/cam-2/#")}
     assert roles["saver"] == {("subscribePattern", SHARE), ("subscribePattern", "faces/#"),
                               ("publishClientReceive", "faces/#")}
-    assert sorted(roles) == ["device-cam-1", "device-cam-2", "saver"]
+    assert roles["status-reader"] == {("subscribePattern", "facehub/+/availability"), ("subscribePattern", "facehub/+/stats"),
+                                      ("publishClientReceive", "facehub/+/availability"),
+                                      ("publishClientReceive", "facehub/+/stats")}
+    assert sorted(roles) == ["device-cam-1", "device-cam-2", "saver", "status-reader"]
     assert not any("$CONTROL" in topic for role in roles.values() for _, topic in role)
 
 
@@ -212,12 +215,12 @@ def test_a_rerun_keeps_the_hashes_of_unchanged_passwords_and_rehashes_changed_on
     _, again = rendered(mosquitto_dynsec_previous_clients=first["clients"], mosquitto_passwords=changed)
     before = {client["username"]: client for client in first["clients"]}
     after = {client["username"]: client for client in again["clients"]}
-    for name in ("cam-1", *SAVERS):
+    for name in ("cam-1", READER, *SAVERS):
         assert after[name] == before[name], f"{name}: re-hashed although its password did not change"
     assert after["cam-2"]["salt"] != before["cam-2"]["salt"]
     assert verifies(after["cam-2"], "a-new-password-for-cam-2")
     # Unchanged passwords, previous file: the very same file, so the broker is not restarted.
-    values = {"mosquitto_devices": DEVICES, "mosquitto_passwords": PASSWORDS,
+    values = {"mosquitto_devices": DEVICES, "mosquitto_passwords": PASSWORDS, "mosquitto_status_readers": [READER],
               "mosquitto_saver_password": SAVER_PASSWORD, "mosquitto_saver_instances": 2}
     text = render.render("mosquitto", "dynamic-security.json", values)
     assert render.render("mosquitto", "dynamic-security.json",
