@@ -107,9 +107,9 @@ def make_tls(folder: Path) -> None:
 class LockedBroker(Server):
     """mosquitto started with the role's rendered configuration."""
 
-    def __init__(self, workdir: Path):
-        super().__init__("mosquitto-cloud", workdir)
-        self.conf_path = workdir / "config" / "mosquitto.conf"
+    def __init__(self, workdir: Path, port: int | None = None, conf_path: Path | None = None):
+        super().__init__("mosquitto-cloud", workdir, port=port)
+        self.conf_path = conf_path or workdir / "config" / "mosquitto.conf"
         self.config_dir = workdir / "config"
         self.ca_file = self.config_dir / "tls" / "ca.crt"
 
@@ -136,6 +136,21 @@ def role_values(broker: LockedBroker, data_dir: Path, **overrides) -> dict:
 
 def start_locked_broker(workdir: Path, **overrides) -> LockedBroker:
     """Render the role's broker files into ``workdir`` and start mosquitto with them."""
+    return prepare_locked_broker(workdir, **overrides).start()
+
+
+def give_to_broker_user(*paths: Path) -> None:
+    """Started as root, mosquitto drops to its own user before it reads its files: they are that user's."""
+    if os.geteuid() != 0:
+        return
+    user = pwd.getpwnam("mosquitto")
+    for top in paths:
+        for path in [top, *top.rglob("*")]:
+            os.chown(path, user.pw_uid, user.pw_gid)
+
+
+def prepare_locked_broker(workdir: Path, **overrides) -> LockedBroker:
+    """The role's broker files in ``workdir``, the broker not started yet."""
     broker = LockedBroker(workdir)
     config_dir, data_dir = broker.config_dir, workdir / "data"
     data_dir.mkdir(parents=True)
@@ -145,19 +160,14 @@ def start_locked_broker(workdir: Path, **overrides) -> LockedBroker:
         (config_dir / name).write_text(render.render("mosquitto", name, values))
     (config_dir / "dynamic-security.json").chmod(0o400)
     if os.geteuid() == 0:
-        # Started as root, mosquitto drops to its own user before it reads these files,
-        # as the role's files belong to the broker's user.
-        user = pwd.getpwnam("mosquitto")
         for folder in (workdir, *workdir.parents):
             if folder == Path("/tmp") or folder == Path("/"):
                 break
             folder.chmod(folder.stat().st_mode | 0o711)
-        for path in [workdir, *workdir.rglob("*")]:
-            os.chown(path, user.pw_uid, user.pw_gid)
+    give_to_broker_user(workdir)
     # Read-only, as the container mounts it: nothing may be written into the configuration.
     for folder in (config_dir, config_dir / "tls"):
         folder.chmod(0o550)
-    broker.start()
     return broker
 
 
