@@ -8,6 +8,7 @@ it is in tests/test_broker_identities.py.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import json
 import re
@@ -301,6 +302,7 @@ def test_the_inventory_makes_one_saver_account_per_saver_instance():
     # The accounts are named after the client ids the saver and the forwarder really use.
     from facehub.cloud import saver as saver_component
     from facehub.config import Config
+    from facehub.mqtt import make_client
     from facehub.runtime import Runtime
 
     defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
@@ -308,4 +310,5 @@ def test_the_inventory_makes_one_saver_account_per_saver_instance():
     assert saver_component.client_id(config, Runtime("saver-2")) == defaults["mosquitto_saver_client_id_prefix"] + "2"
     assert defaults["mosquitto_device_client_id_format"] % "cam-1" == device_client_id("cam-1")
     config.cloud.username = "{client_id}"
-    assert saver_component.username(config, "facehub-saver-2") == "facehub-saver-2"
+    client = make_client(dataclasses.replace(config.cloud, client_id="facehub-saver-2"), "ignored")
+    assert client._username == b"facehub-saver-2"

@@ -16,9 +16,9 @@ Flow of one message::
 - **Persistent session** with a stable client id (``facehub-<instance name>``,
   e.g. ``facehub-saver-1``; ``cloud.client_id`` replaces the ``facehub`` part to
   keep ids unique across hosts), so faces queued while a saver restarts are
-  delivered to it when it is back. ``{client_id}`` in ``cloud.username`` is
-  replaced by that id: the cloud broker binds each account to one client id, so
-  each instance logs in with its own account (``facehub-saver-1``, ...).
+  delivered to it when it is back. With ``cloud.username = "{client_id}"`` each
+  instance logs in with its own account named after that id (the cloud broker
+  binds every account to one client id; see :func:`facehub.mqtt.make_client`).
 - **Backpressure.** When storage fails the workers retry with exponential
   backoff (``retry_min``..``retry_max``), counting ``store_errors``, and stop
   acknowledging; the broker stops sending once ``inflight`` messages are
@@ -472,11 +472,6 @@ def client_id(config: Config, runtime: Runtime) -> str:
     return f"{config.cloud.client_id or 'facehub'}-{runtime.name}"
 
 
-def username(config: Config, client_id: str) -> str:
-    """``cloud.username`` with ``{client_id}`` replaced: one broker account per saver instance."""
-    return config.cloud.username.replace("{client_id}", client_id)
-
-
 def subscription(config: Config) -> str:
     return f"$share/{config.saver.share_group}/{config.topic_filter}"
 
@@ -484,8 +479,7 @@ def subscription(config: Config) -> str:
 def run(config: Config, runtime: Runtime) -> None:
     """Run one saver instance until ``runtime.stop`` is set."""
     store = open_store(config.saver)
-    own_id = client_id(config, runtime)
-    broker = dataclasses.replace(config.cloud, client_id=own_id, username=username(config, own_id))
+    broker = dataclasses.replace(config.cloud, client_id=client_id(config, runtime))
     client = mqtt.make_client(broker, broker.client_id, manual_ack=True)
     acks = AckQueue(client)
     saver = Saver(config, runtime, store, acks)
