@@ -31,17 +31,21 @@ def make_client(broker: BrokerConfig, client_id: str, manual_ack: bool = False) 
     """A configured, not yet connected MQTT v5 client.
 
     ``broker.client_id`` wins over ``client_id`` so a deployment can pin it.
+    ``{client_id}`` in ``broker.username`` is replaced by the client id: the cloud
+    broker binds each account to one client id, so clients that share one
+    configuration (the saver instances) log in with one account each.
     With ``manual_ack`` the caller acknowledges each QoS>0 message itself
     (``client.ack(mid, qos)``) once the message is safe downstream.
     """
+    client_id = broker.client_id or client_id
     client = paho.Client(
         callback_api_version=CallbackAPIVersion.VERSION2,
-        client_id=broker.client_id or client_id,
+        client_id=client_id,
         protocol=MQTTProtocolVersion.MQTTv5,
         manual_ack=manual_ack,
     )
     if broker.username:
-        client.username_pw_set(broker.username, broker.password or None)
+        client.username_pw_set(account_name(broker.username, client_id), broker.password or None)
     if broker.tls:
         client.tls_set(
             ca_certs=broker.ca_file or None,
@@ -55,6 +59,11 @@ def make_client(broker: BrokerConfig, client_id: str, manual_ack: bool = False) 
     client.max_queued_messages_set(0)
     client.on_socket_open = send_without_delay
     return client
+
+
+def account_name(username: str, client_id: str) -> str:
+    """The user name a client logs in with: ``{client_id}`` replaced by its client id."""
+    return username.replace("{client_id}", client_id)
 
 
 def send_without_delay(client: paho.Client, userdata, sock) -> None:

@@ -197,7 +197,9 @@ all:
           mosquitto_tls_port: $cloud_port
           mosquitto_bind_address: 127.0.0.1
           mosquitto_devices: [$device]
-          mosquitto_passwords: {$device: "$device_password", saver: "$saver_password"}
+          mosquitto_passwords: {$device: "$device_password"}
+          mosquitto_saver_password: "$saver_password"
+          mosquitto_saver_instances: 2
           mosquitto_ca_fetch_dir: $work/fetched
           mosquitto_image: localhost/facehub-ci-mosquitto:latest
           mosquitto_image_pull: false

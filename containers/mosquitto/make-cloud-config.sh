@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Make the cloud broker's files for containers/compose.yaml, the same files the
 # mosquitto role makes: a CA and server certificate (openssl), one account per device
-# plus the saver (random passwords, mosquitto_passwd format), the per-device ACL and
-# mosquitto.conf, all rendered from roles/mosquitto/templates.
+# and one per saver instance, each bound to its client id, with random passwords
+# (dynamic-security.json for mosquitto's dynamic security plugin), and mosquitto.conf,
+# all rendered from roles/mosquitto/templates.
 #
-#   containers/mosquitto/make-cloud-config.sh OUT_DIR SERVER_NAME DEVICE_ID...
+#   [FACEHUB_SAVER_INSTANCES=2] containers/mosquitto/make-cloud-config.sh OUT_DIR SERVER_NAME DEVICE_ID...
+#
+# Run it again to change the accounts: every password is new then.
 #
 # Needs openssl and python3 with jinja2 and PyYAML. Prints the passwords once.
 set -euo pipefail
@@ -15,6 +18,12 @@ if [ $# -lt 3 ]; then
 fi
 out=$1 server=$2
 shift 2
+for device in "$@"; do   # the same rule as the role: a user name, a client id and one topic level
+    if ! [[ $device =~ ^[A-Za-z0-9][A-Za-z0-9_.-]*$ ]] || [[ $device == facehub-saver-* ]]; then
+        echo "device id '$device' cannot be a broker account: letters, digits, '.', '_', '-'" >&2
+        exit 2
+    fi
+done
 here=$(cd "$(dirname "$0")" && pwd)
 config="$out/mosquitto"
 private="$out/ca-private"   # the CA key stays out of the broker's folder
@@ -41,16 +50,23 @@ openssl x509 -req -in "$out/console/console.csr" -CA "$config/tls/ca.crt" -CAkey
     -extfile <(printf 'subjectAltName=DNS:%s,DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' "$server")
 rm -f "$out/console/console.csr"
 
+savers=${FACEHUB_SAVER_INSTANCES:-2}
+case $savers in ''|*[!0-9]*) echo "FACEHUB_SAVER_INSTANCES must be a number" >&2; exit 2 ;; esac
+saver_password=$(openssl rand -hex 24)
+echo "savers (facehub-saver-1..$savers): $saver_password"
 passwords="{"
-for user in saver "$@"; do
-    password=$(openssl rand -hex 16)
+for user in "$@"; do
+    password=$(openssl rand -hex 24)
     passwords+="\"$user\": \"$password\","
     echo "$user: $password"
 done
 passwords="${passwords%,}}"
 devices=$(printf '"%s",' "$@")
-python3 "$here/../ci/render.py" mosquitto "$config" -t mosquitto.conf -t acl -t passwd \
-    -e "mosquitto_devices=[${devices%,}]" -e "mosquitto_passwords=$passwords" >/dev/null
+python3 "$here/../ci/render.py" mosquitto "$config" -t mosquitto.conf -t dynamic-security.json \
+    -e "mosquitto_devices=[${devices%,}]" -e "mosquitto_passwords=$passwords" \
+    -e "mosquitto_saver_password=$saver_password" -e "mosquitto_saver_instances=$savers" >/dev/null
+rm -f "$config/passwd" "$config/acl"   # made by earlier versions, no longer read
+chmod 0600 "$config/dynamic-security.json"
 chmod 0644 "$config/tls/ca.crt" "$config/tls/server.crt" "$config/mosquitto.conf"
 # The broker runs as uid 1883 (the eclipse-mosquitto image's user).
 chmod 0644 "$out/console/console.crt"
@@ -58,4 +74,5 @@ if [ "$(id -u)" = 0 ]; then
     chown -R 1883:1883 "$config"
     chown -R 10001:10001 "$out/console"   # the FaceHub image's user (containers/Dockerfile)
 fi
-echo "broker files in $config; the saver's password goes into containers/.env as FACEHUB_SAVER_PASSWORD" >&2
+echo "broker files in $config; the savers' password goes into containers/.env as FACEHUB_SAVER_PASSWORD," \
+    "and FACEHUB_SAVER_INSTANCES=$savers there too unless it is 2" >&2

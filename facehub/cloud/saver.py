@@ -16,7 +16,9 @@ Flow of one message::
 - **Persistent session** with a stable client id (``facehub-<instance name>``,
   e.g. ``facehub-saver-1``; ``cloud.client_id`` replaces the ``facehub`` part to
   keep ids unique across hosts), so faces queued while a saver restarts are
-  delivered to it when it is back.
+  delivered to it when it is back. With ``cloud.username = "{client_id}"`` each
+  instance logs in with its own account named after that id (the cloud broker
+  binds every account to one client id; see :func:`facehub.mqtt.make_client`).
 - **Backpressure.** When storage fails the workers retry with exponential
   backoff (``retry_min``..``retry_max``), counting ``store_errors``, and stop
   acknowledging; the broker stops sending once ``inflight`` messages are

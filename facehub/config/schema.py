@@ -39,7 +39,7 @@ class BrokerConfig:
 
     host: str = "127.0.0.1"  # broker host name or address
     port: int = 1883  # broker port (8883 is the usual TLS port)
-    username: str = ""  # MQTT user name (one account per device on the cloud broker)
+    username: str = ""  # MQTT user name (cloud broker: the device id; "{client_id}" is replaced by the client id)
     password: str = ""  # MQTT password (secret: set it in the environment)
     tls: bool = False  # connect with TLS
     ca_file: str = ""  # CA certificate that signed the broker's certificate
