@@ -322,6 +322,9 @@ class ConsoleConfig:
     """
 
     enabled: bool = False  # run the console as a child of `facehub run cloud`
+    # MQTT client id of the fleet watcher: fixed, so the cloud broker can bind it to a status-reader account,
+    # with a persistent session so availability messages sent while the console restarts are not missed
+    client_id: str = "facehub-console"
     host: str = "127.0.0.1"  # address to listen on (0.0.0.0 only behind TLS: a proxy, or tls_cert)
     port: int = 8443  # port to listen on
     tls_cert: str = ""  # server certificate (PEM, chain first) to serve HTTPS; empty: plain HTTP for a proxy

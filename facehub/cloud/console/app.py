@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import ssl
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -76,8 +75,7 @@ class Console:
         self.subscribers: set[asyncio.Queue] = set()
         self.closing = asyncio.Event()
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.fleet = FleetWatch(config, f"{config.cloud.client_id or 'facehub'}-{self.runtime.name}-"
-                                        f"{os.getpid()}", on_change=self._fleet_changed)
+        self.fleet = FleetWatch(config, self.settings.client_id, on_change=self._fleet_changed)
         self.proxy_admins = {name.strip() for name in self.settings.proxy_admins.split(",") if name.strip()}
         self.templates = jinja2.Environment(
             loader=jinja2.PackageLoader("facehub.cloud.console", "templates"),

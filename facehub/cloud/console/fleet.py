@@ -38,7 +38,12 @@ class DeviceStatus:
 
 
 class FleetWatch:
-    """A non-persistent subscriber to the devices' retained availability and stats (thread-safe)."""
+    """A persistent subscriber to the devices' availability and stats (thread-safe).
+
+    The cloud broker refuses retained messages, so the state of a device is what it last said;
+    the persistent session (fixed client id ``console.client_id``) keeps what was said while
+    the console restarted.
+    """
 
     def __init__(self, config: Config, client_id: str, on_change: Callable[[str], None] | None = None):
         self.prefix = config.console.status_prefix.rstrip("/")
@@ -72,7 +77,7 @@ class FleetWatch:
         self.state.attach(client)
         self.client = client
         # not persistent: the retained messages are the state, re-sent at every subscription
-        mqtt.start(client, self.broker, persistent=False)
+        mqtt.start(client, self.broker, persistent=True)
 
     def stop(self) -> None:
         if self.client is not None:
