@@ -486,10 +486,54 @@ def _json_bytes(record: dict[str, Any]) -> bytes:
     return (json.dumps(record, sort_keys=True, ensure_ascii=True, indent=1) + "\n").encode()
 
 
+class NullStore(Store):
+    """``null://``: a benchmark aid that acknowledges every write and keeps nothing.
+
+    It counts what it was given (``faces``, ``quarantined``) and discards it, so
+    ``facehub bench fleet`` can measure the broker and the savers without any
+    storage cost: the ceiling of everything before the store. Never for real
+    faces: a saver on ``null://`` acknowledges faces it did not keep.
+    """
+
+    def __init__(self, url: str, quarantine_prefix: str):
+        super().__init__(url, quarantine_prefix)
+        self.faces = 0
+        self.quarantined = 0
+
+    def _put_with_record(self, stem, ext, data, content_type, record) -> bool:
+        if stem.startswith(self.quarantine_prefix.strip("/") + "/"):
+            self.quarantined += 1
+        else:
+            self.faces += 1
+        return True
+
+    def _put_record_only(self, stem, record) -> bool:
+        self.quarantined += 1
+        return True
+
+    def describe(self) -> str:
+        return f"{self.url} (discards everything: benchmarks only)"
+
+    def list_dir(self, prefix: str, start_after: str = "") -> tuple[list[str], list[str]]:
+        return [], []
+
+    def read(self, key: str) -> bytes:
+        raise FileNotFoundError(key)
+
+    def delete(self, keys: list[str]) -> int:
+        return 0
+
+    def delete_tree(self, prefix: str) -> None:
+        pass
+
+
 def open_store(config: SaverConfig) -> Store:
-    """The store named by ``config.url``: S3, a folder, or any other fsspec URL."""
+    """The store named by ``config.url``: S3, a folder, ``null://`` (benchmarks), or any other fsspec URL."""
     url = config.url
     protocol = url.split("://", 1)[0].lower() if "://" in url else "file"
+    if protocol == "null":
+        log.warning("saver.url is %s: faces are acknowledged and discarded (a benchmark aid)", url)
+        return NullStore(url, config.quarantine_prefix)
     if protocol in ("s3", "s3a"):
         return S3Store(config)
     if protocol in ("file", "local"):

@@ -7,6 +7,8 @@
     facehub bench persistence [--outage SECONDS] [--face-rate N] [--setting LABEL ...]
     facehub bench console  [--console-faces N] [--console-s3-faces N]
     facehub bench motion   [--faces DIR] [--model YUNET.onnx] [--motion pan:2 ...] [--split NAME] [--quarter-core]
+    facehub bench fleet    [--quick] [--devices N] [--savers K] [--device-rate R] [--seconds S]
+                           [--store null|folder|s3] [--soak SECONDS]
 
 Every figure is measured in the run that prints it, with the typical
 implementation (``bench/baseline.py``) measured beside FaceHub on the same
@@ -49,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``facehub bench``, for this module's parser and for the CLI's subparser."""
     parser.add_argument("what", nargs="?", default="all",
-                        choices=("all", "detector", "quality", "pipeline", "persistence", "console", "motion"),
+                        choices=("all", "detector", "quality", "pipeline", "persistence", "console", "motion",
+                                 "fleet"),
                         help="the section to run (default: all of them, about 20 minutes)")
     parser.add_argument("--source", help="video file, camera index or URL (default: the built-in clip)")
     parser.add_argument("--threads", type=int, action="append",
@@ -81,6 +84,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bench motion: photos to make clips of (default: both, reported apart)")
     parser.add_argument("--quarter-core", action="store_true",
                         help="bench motion: also run every detector in a cgroup limited to a quarter of one CPU")
+    from facehub.dev.bench import fleet
+
+    fleet.add_arguments(parser)
 
 
 def main(argv: list[str] | argparse.Namespace | None = None, config_path: str | None = None) -> int:
@@ -93,7 +99,7 @@ def main(argv: list[str] | argparse.Namespace | None = None, config_path: str | 
     from facehub.edge.detection import SAMPLE_CLIP
 
     source = args.source or str(SAMPLE_CLIP)
-    if args.what in ("all", "pipeline", "console"):
+    if args.what in ("all", "pipeline", "console", "fleet"):
         try:
             require_extra("moto", "boto3")  # the pipeline and console sections store into moto's S3 server
         except MissingExtra as error:
@@ -105,6 +111,12 @@ def main(argv: list[str] | argparse.Namespace | None = None, config_path: str | 
         bench_pipeline(source, args.loops)
     if args.what in ("all", "console"):
         bench_console(args.console_faces, args.console_s3_faces)
+    if args.what in ("all", "fleet"):
+        from facehub.dev.bench import fleet
+
+        fleet.main(args.quick, args.devices, args.savers, args.device_rate, args.seconds, args.store, args.soak)
+        if args.what == "fleet":
+            return 0
     if args.what in ("all", "persistence"):
         from facehub.dev.bench import persistence
 
