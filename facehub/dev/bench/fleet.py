@@ -49,14 +49,24 @@ from pathlib import Path
 DEVICES_PER_GENERATOR = 250
 WINDOW = 10  # faces a device keeps unacknowledged by the broker when it publishes flat out
 SAVER_WORKERS = 4  # the saver's default saver.workers: the store sees K * 4 writes at once
-DRAIN_SECONDS = 60.0
+DRAIN_SECONDS = 20.0  # a row gives up when no face was stored for this long after its devices stopped
+# Flat out: faces published but not yet stored, across all devices (the generators read the savers' stats,
+# flushed every second, so the backlog briefly overshoots by about one second of faces)
+BACKLOG = 2000
 
 
 # -- the generator (a child process) ------------------------------------------------------------
 
 def generate(port: int, first: int, count: int, rate: float, ramp: float, seconds: float, out: Path,
-             payload_path: Path, tag: str) -> None:
-    """Publish from ``count`` devices until ``ramp + seconds`` are over; write a JSON summary to ``out``."""
+             payload_path: Path, tag: str, state_dir: Path | None = None, share: float = 1.0) -> None:
+    """Publish from ``count`` devices until ``ramp + seconds`` are over; write a JSON summary to ``out``.
+
+    Flat out (``rate`` 0), the generator also reads the savers' stats in ``state_dir`` and holds its
+    ``share`` of :data:`BACKLOG` at most published but not yet stored, so the cloud's queue stays
+    bounded: the stored rate is the ceiling and the end of a row drains in seconds.
+    """
+    from facehub.runtime import read_stats
+
     import paho.mqtt.client as paho
 
     from facehub import messages, mqtt
@@ -92,11 +102,20 @@ def generate(port: int, first: int, count: int, rate: float, ramp: float, second
     sequence = 0
     total_rate = rate * count
     cpu_start = _own_cpu()
+    stored_seen, next_read = 0, 0.0
     while True:
         now = time.monotonic()
         if now >= end:
             break
         elapsed = now - started
+        if rate <= 0 and state_dir is not None:
+            if now >= next_read:
+                stored_seen = sum(data.get("counters", {}).get("stored", 0) for name, data in
+                                  read_stats(state_dir).items() if name.startswith("saver")) * share
+                next_read = now + 0.1
+            if published - stored_seen >= BACKLOG * share:
+                time.sleep(0.005)
+                continue
         if rate > 0:
             # linear ramp to the full rate, then steady: faces due so far across all devices
             due_time = elapsed * elapsed / (2 * ramp) if ramp and elapsed < ramp else elapsed - ramp / 2
@@ -266,7 +285,8 @@ def run_row(store: str, devices: int, savers: int, rate: float, seconds: float, 
             out = work / f"generator-{first}.json"
             generators.append((subprocess.Popen(
                 [sys.executable, "-m", "facehub.dev.bench.fleet", "--generate", str(broker.port), str(first),
-                 str(count), str(rate), str(ramp), str(seconds), str(out), str(payload), "dev"],
+                 str(count), str(rate), str(ramp), str(seconds), str(out), str(payload), "dev", str(state),
+                 str(count / devices)],
                 stdout=log, stderr=subprocess.STDOUT), out))
         time.sleep(ramp + 1.0)  # connections, the ramp, one stats flush
         pids = tree_pids(cloud.pid)
@@ -283,6 +303,9 @@ def run_row(store: str, devices: int, savers: int, rate: float, seconds: float, 
         row.faces_per_s = stored / elapsed
         spent = sum(cpu_after.get(pid, 0) - cpu_before.get(pid, 0) for pid in cpu_after)
         row.cpu_per_1000 = spent / stored * 1000 if stored else 0.0
+        decoders = [pid for pid in cpu_after if b"facehub.cloud.decoder" in _cmdline(pid)]
+        decoding = sum(cpu_after[pid] - cpu_before.get(pid, 0) for pid in decoders)
+        row.extra["decoder_share"] = decoding / spent if spent else 0.0
         latencies = [d.get("percentiles", {}).get("latency_ms", {}) for d in after.values()]
         latencies = [p for p in latencies if p.get("count")]
         if latencies:
@@ -293,23 +316,31 @@ def run_row(store: str, devices: int, savers: int, rate: float, seconds: float, 
             result = json.loads(out.read_text())
             row.published += result["published"]
             row.acked += result["acked"]
-            row.offered += result["offered"] / result["wall_s"] * (seconds + ramp) / (seconds + ramp / 2) \
-                if rate else 0
             row.generator_cpu += result["cpu_s"] / result["wall_s"]
         if rate:
             row.offered = rate * devices
             row.generator_short = row.published < 0.95 * rate * devices * (seconds + ramp / 2)
-        deadline = time.monotonic() + DRAIN_SECONDS
+        last, deadline = -1, time.monotonic() + DRAIN_SECONDS
         while time.monotonic() < deadline:
             done = _saver_stats(state)
-            if _total(done, "stored") + _total(done, "duplicates") >= row.acked:
+            settled = _total(done, "stored") + _total(done, "duplicates")
+            if settled >= row.acked:
                 break
+            if settled > last:
+                last, deadline = settled, time.monotonic() + DRAIN_SECONDS
             time.sleep(0.2)
         time.sleep(1.2)  # the last flush
         done = _saver_stats(state)
         row.stored, row.duplicates = _total(done, "stored"), _total(done, "duplicates")
         row.rejected = _total(done, "rejected")
     return row
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -451,13 +482,13 @@ def _ms(value) -> str:
 
 def table(rows: list[Row]) -> str:
     lines = ["| store | devices N | savers K | load | offered faces/s | stored faces/s (steady) "
-             "| capture->stored ms p50/p99 | saver CPU s per 1000 faces | saver RSS | broker RSS "
+             "| capture->stored ms p50/p99 | saver CPU s per 1000 faces (decoders' share) | saver RSS | broker RSS "
              "| generator CPU (cores) | published | PUBACKed | stored + dup | lost |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         offered = f"{r.offered:.0f}" + (" (short)" if r.generator_short else "") if r.rate else "flat out"
         lines.append(f"| {r.store} | {r.devices} | {r.savers} | {r.load} | {offered} | {r.faces_per_s:.0f} "
-                     f"| {_ms(r.p50)}/{_ms(r.p99)} | {r.cpu_per_1000:.2f} | {r.saver_rss / 2**20:.0f} MiB "
+                     f"| {_ms(r.p50)}/{_ms(r.p99)} | {r.cpu_per_1000:.2f} ({r.extra.get('decoder_share', 0):.0%}) | {r.saver_rss / 2**20:.0f} MiB "
                      f"| {r.broker_rss / 2**20:.0f} MiB | {r.generator_cpu:.2f} | {r.published} | {r.acked} "
                      f"| {r.stored + r.duplicates} | {r.lost} |")
     return "\n".join(lines)
@@ -510,7 +541,7 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--generate":
         a = sys.argv[2:]
         generate(int(a[0]), int(a[1]), int(a[2]), float(a[3]), float(a[4]), float(a[5]), Path(a[6]),
-                 Path(a[7]), a[8])
+                 Path(a[7]), a[8], Path(a[9]), float(a[10]))
     else:
         parser = argparse.ArgumentParser(prog="python -m facehub.dev.bench.fleet")
         add_arguments(parser)
