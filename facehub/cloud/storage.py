@@ -30,6 +30,9 @@ kept once too.
   write has reached the disk before the saver acknowledges the message.
 - any other fsspec URL (``gcs://``, ``memory://``...): sidecar JSON, written
   through fsspec; durability is whatever that backend gives.
+- ``null://``: a benchmark aid (``facehub bench fleet``) that acknowledges every
+  write, counts it and keeps nothing, to measure the broker and the savers
+  without a store. Never for real faces.
 """
 
 from __future__ import annotations
