@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import subprocess
@@ -66,8 +65,6 @@ def generate(port: int, first: int, count: int, rate: float, ramp: float, second
     bounded: the stored rate is the ceiling and the end of a row drains in seconds.
     """
     from facehub.runtime import read_stats
-
-    import paho.mqtt.client as paho
 
     from facehub import messages, mqtt
     from facehub.config import BrokerConfig
@@ -488,7 +485,8 @@ def table(rows: list[Row]) -> str:
     for r in rows:
         offered = f"{r.offered:.0f}" + (" (short)" if r.generator_short else "") if r.rate else "flat out"
         lines.append(f"| {r.store} | {r.devices} | {r.savers} | {r.load} | {offered} | {r.faces_per_s:.0f} "
-                     f"| {_ms(r.p50)}/{_ms(r.p99)} | {r.cpu_per_1000:.2f} ({r.extra.get('decoder_share', 0):.0%}) | {r.saver_rss / 2**20:.0f} MiB "
+                     f"| {_ms(r.p50)}/{_ms(r.p99)} | {r.cpu_per_1000:.2f} ({r.extra.get('decoder_share', 0):.0%}) "
+                     f"| {r.saver_rss / 2**20:.0f} MiB "
                      f"| {r.broker_rss / 2**20:.0f} MiB | {r.generator_cpu:.2f} | {r.published} | {r.acked} "
                      f"| {r.stored + r.duplicates} | {r.lost} |")
     return "\n".join(lines)
