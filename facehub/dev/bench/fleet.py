@@ -17,9 +17,10 @@ reports the faces it published, those PUBACKed, and its own CPU seconds; a
 paced row whose generators fell short of the offered rate is marked, so the
 generator is never silently the bottleneck.
 
-Two kinds of load: ``flat out`` (each device keeps :data:`WINDOW` faces
-unacknowledged by the broker: the sustained rate is the cloud's ceiling, the
-latency includes the queue at the broker) and ``paced`` (R faces/s per
+Two kinds of load: ``flat out`` (each device keeps up to :data:`WINDOW` faces
+unacknowledged by the broker, and the generators keep at most :data:`BACKLOG`
+faces published but not yet stored: the sustained rate is the cloud's ceiling,
+the latency is mostly the queue at the broker) and ``paced`` (R faces/s per
 device). Each row ramps for ``ramp`` seconds, then measures a steady window of
 ``seconds``: stored faces/s and saver CPU from counter and /proc deltas over
 the window, latency (capture to stored, as the savers observe it) from the
@@ -64,10 +65,9 @@ def generate(port: int, first: int, count: int, rate: float, ramp: float, second
     ``share`` of :data:`BACKLOG` at most published but not yet stored, so the cloud's queue stays
     bounded: the stored rate is the ceiling and the end of a row drains in seconds.
     """
-    from facehub.runtime import read_stats
-
     from facehub import messages, mqtt
     from facehub.config import BrokerConfig
+    from facehub.runtime import read_stats
 
     payload = payload_path.read_bytes()
     broker = BrokerConfig(port=port)
