@@ -23,7 +23,8 @@ kept once too.
 - ``s3://bucket/prefix`` (s3fs): the metadata travels as S3 object metadata
   (``x-amz-meta-*``); writes are conditional (``If-None-Match: *``) so even two
   savers racing on one face leave one object. Stores that do not implement
-  conditional writes fall back to a HEAD before each write.
+  conditional writes fall back to a HEAD before each write. PUTs go without
+  ``Expect: 100-continue`` (see :func:`session_without_expect_continue`).
 - a folder (plain path or ``file://``, e.g. an s3fs-fuse mount): a sidecar
   ``.json`` beside each face, written first; every file is written to a hidden
   temporary name, fsynced and renamed, so readers never see half a file and a
@@ -383,7 +384,7 @@ class S3Store(FsspecStore):
             options["key"], options["secret"] = config.key or None, config.secret or None
         if config.region:
             options["client_kwargs"] = {"region_name": config.region}
-        fs = s3fs.S3FileSystem(**options)
+        fs = s3fs.S3FileSystem(session=session_without_expect_continue(), **options)
         # s3fs retries some errors itself with sleeps; the saver has its own
         # backoff, logging and counters, so keep s3fs's short.
         fs.retries = 2
@@ -483,6 +484,34 @@ class QuarantineEntry:
     @property
     def size(self) -> int:
         return len(self.record) + (len(self.payload) if self.payload is not None else 0)
+
+
+def session_without_expect_continue():
+    """An aiobotocore session whose S3 clients send PUTs without ``Expect: 100-continue``.
+
+    botocore adds that header to every PUT with a body. aiohttp then sends the
+    headers from the request's body-writer task and waits for "100 Continue"
+    before the body; when S3 goes away and a pooled keep-alive connection is
+    already closing, sending those headers fails inside that task, and the
+    request fails on the response side first, so nobody ever awaits the task:
+    asyncio logs "Task exception was never retrieved" with a traceback for the
+    writes an outage catches on their way. Without the header the body goes out
+    with the headers and aiohttp's own error handling covers a failure. The
+    header buys little here: it saves sending the body of a refused write (412
+    on ``If-None-Match``, 403), and a face is a few kilobytes. The handler is
+    registered on the session, so every client s3fs makes from it (also a new
+    one after the old one's connections closed) has it.
+    """
+    import aiobotocore.session
+
+    session = aiobotocore.session.AioSession()
+    # Registered after botocore's own add_expect_header on the same event, so it runs after it.
+    session.register("before-call.s3", _drop_expect_continue, unique_id="facehub-no-expect-continue")
+    return session
+
+
+def _drop_expect_continue(params: dict[str, Any], **_: Any) -> None:
+    params.get("headers", {}).pop("Expect", None)
 
 
 def _json_bytes(record: dict[str, Any]) -> bytes:
