@@ -2,7 +2,9 @@
 
 Delays double from ``minimum`` up to ``maximum``; an optional jitter spreads
 clients that failed together (a broker restart) so they do not come back in
-lockstep. Deadlines are on the monotonic clock: a wall-clock step (NTP at boot
+lockstep. Jitter only shortens a delay (by a random fraction up to ``jitter``),
+so ``maximum`` stays a hard bound: what a caller promises about recovery time
+holds for every draw. Deadlines are on the monotonic clock: a wall-clock step (NTP at boot
 on a Jetson without a real-time clock) neither stalls nor skips a retry.
 """
 
@@ -18,6 +20,8 @@ class Backoff:
     def __init__(self, minimum: float, maximum: float, jitter: float = 0.0):
         if not 0 < minimum <= maximum:
             raise ValueError("backoff needs 0 < minimum <= maximum")
+        if not 0 <= jitter < 1:
+            raise ValueError("backoff jitter must be in [0, 1)")
         self.minimum = minimum
         self.maximum = maximum
         self.jitter = jitter
@@ -29,7 +33,7 @@ class Backoff:
         delay = min(self.minimum * 2 ** self.failures, self.maximum)
         self.failures += 1
         if self.jitter:
-            delay *= 1 + random.uniform(-self.jitter, self.jitter)
+            delay *= 1 - random.uniform(0, self.jitter)
         self.retry_at = time.monotonic() + delay
         return delay
 

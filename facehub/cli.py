@@ -48,8 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     health = command("health", "exit 0 when the supervised role is healthy, 1 when not",
                      "Liveness of the supervised role, from its status file: exit 0 when healthy, 1 when not, "
-                     "with a one-line reason.")
-    health.add_argument("--json", action="store_true", help="print the whole status as JSON")
+                     "with a one-line reason. With --delivery, readiness: exit 0 only while faces are moving.")
+    health.add_argument("--delivery", action="store_true",
+                        help="exit 0 only while faces are moving: healthy, and no broker down, storage failing "
+                             "or face waiting for longer than supervisor.delivery_timeout")
+    health.add_argument("--json", action="store_true", help="print the whole status, both verdicts, as JSON")
 
     config = command("config", "configuration tools")
     config.add_argument("action", choices=("check", "reference"),
@@ -106,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         return console.main(args, config)
     if args.command == "health":
         from facehub.process import health
-        return health.main(config, as_json=args.json)
+        return health.main(config, as_json=args.json, delivery=args.delivery)
     if args.command == "detect":
         from facehub.edge import detector
         return detector.detect_command(config, args.images)

@@ -61,6 +61,17 @@ class Runtime:
         with self._lock:
             self.gauges[key] = value
 
+    def gauge_since(self, key: str, seconds: float | None) -> None:
+        """Set ``key`` to the wall-clock time ``seconds`` ago (None: clear it), e.g. when a broker went down.
+
+        Durations are measured inside the process on the monotonic clock; only
+        the file gets a wall-clock time, because it is read by other processes
+        (``facehub health --delivery``) that compare it with their own clock.
+        The start is derived afresh at every update, so a wall-clock step moves
+        it along instead of making an outage look years long.
+        """
+        self.gauge(key, None if seconds is None else round(time.time() - seconds, 3))
+
     def observe(self, key: str, value: float) -> None:
         """Record one measurement (a latency, in ms); the last ones are summarised as percentiles,
         and all of them are counted in histogram buckets."""

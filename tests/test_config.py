@@ -39,6 +39,9 @@ def test_config_file_from_environment(tmp_path):
     ({"FACEHUB_SAVER_SHARE_GROUP": "a/b"}, "saver.share_group"),
     ({"FACEHUB_NO_SUCH_THING": "1"}, "FACEHUB_NO_SUCH_THING"),
     ({"FACEHUB_FORWARDER_FSYNC": "sometimes"}, "forwarder.fsync"),
+    ({"FACEHUB_SUPERVISOR_DELIVERY_TIMEOUT": "0"}, "supervisor.delivery_timeout"),
+    ({"FACEHUB_SUPERVISOR_DELIVERY_TIMEOUT": "soon"}, "supervisor.delivery_timeout"),
+    ({"FACEHUB_CLOUD_RECONNECT_MAX": "0.1"}, "cloud.reconnect_min"),
 ])
 def test_invalid_values_name_their_key(env, key):
     with pytest.raises(ConfigError) as error:

@@ -24,6 +24,9 @@ Flow of one message::
   acknowledging; the broker stops sending once ``inflight`` messages are
   unacknowledged (MQTT v5 Receive Maximum) and keeps the rest queued. Nothing
   is dropped. Storage work runs off paho's network thread, so keepalives go on.
+  An outage is logged twice, however long it lasts and however many workers
+  retry: one WARNING with the reason when storage starts failing, one when it
+  is back ("storage ... back after 37 failures in 12.3s"); each retry is DEBUG.
 - **Heartbeat.** The main loop beats while workers make progress, including
   while they back off between retries; a single storage call that has hung for
   ``stuck_after`` seconds stops the heartbeat so the supervisor restarts us.
@@ -64,7 +67,11 @@ largest message above its reserve, or quarantine writes fail),
 ``quarantine_failing_since``, ``store_failing_since`` and ``decoder_failing_since``
 (wall-clock start of the current failure, null while things work; the last one
 when no decoder process can be started, and faces wait with the broker as in a
-storage outage); ``latency_ms`` (capture to stored) percentiles.
+storage outage), ``cloud_down_since`` (wall-clock time the broker went out of
+reach, null while connected) and ``oldest_unacked_age`` (seconds the oldest
+message received but not yet stored and acknowledged has waited); these follow
+the convention of ``facehub health --delivery`` (facehub/process/health.py).
+``latency_ms`` (capture to stored) percentiles.
 """
 
 from __future__ import annotations
@@ -77,13 +84,14 @@ import random
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from facehub import mqtt
+from facehub.backoff import Backoff
 from facehub.config import Config
 from facehub.messages import InvalidFace, parse
 from facehub.runtime import Runtime
@@ -99,6 +107,7 @@ DROP_LOG_INTERVAL = 60.0  # seconds between two log lines about dropped messages
 RETAINED_REMEMBERED = 10_000  # retained messages remembered, so a repeat is not quarantined again
 INVALID_DEVICE = "(invalid device ids)"
 _DEVICE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+RETRY_JITTER = 0.2  # storage retry delays are shortened by up to this fraction, so workers do not retry in step
 
 
 class Stopped(Exception):
@@ -119,6 +128,7 @@ class Received:
     done: bool = False
     retain: bool = False
     oversize: int = 0  # size of a payload over max_bytes, dropped on arrival (the payload is then b"")
+    arrived: float = field(default_factory=time.monotonic)
 
 
 def check_image(content_type: str, data: bytes, max_pixels: int, decoders: DecoderPool) -> ImageInfo:
@@ -175,6 +185,64 @@ class AckQueue:
     def __len__(self) -> int:
         return len(self._pending)
 
+    def oldest_age(self) -> float | None:
+        """Seconds the oldest message not yet acknowledged has waited; None when there is none."""
+        with self._lock:
+            oldest = self._pending[0].arrived if self._pending else None
+        return None if oldest is None else time.monotonic() - oldest
+
+
+class StorageOutage:
+    """Since when face writes have been failing, logged once when they start failing and once when they are back.
+
+    Several workers call the store at once, so results arrive out of order: a
+    write that started before storage came back may fail after another one has
+    succeeded. Each result is therefore judged by when its call *started*: only
+    a result newer than the newest one seen so far changes the state. Every
+    failure during an outage is counted, whichever call it came from.
+    """
+
+    def __init__(self, describe: str):
+        self.describe = describe
+        self.failing_since: float | None = None  # monotonic
+        self.failures = 0
+        self._newest = float("-inf")
+        self._lock = threading.Lock()
+
+    def failed(self, started: float, reason: str) -> None:
+        with self._lock:
+            if self.failing_since is not None:
+                self.failures += 1
+            if started < self._newest:
+                return
+            self._newest = started
+            if self.failing_since is None:
+                self.failing_since = time.monotonic()
+                self.failures = 1
+                log.warning("storage %s failing: %s; retrying with backoff, faces stay unacknowledged with "
+                            "the broker meanwhile", self.describe, reason)
+
+    def succeeded(self, started: float) -> None:
+        with self._lock:
+            if started < self._newest:
+                return
+            self._newest = started
+            if self.failing_since is not None:
+                log.warning("storage %s back after %d failures in %.1fs", self.describe, self.failures,
+                            time.monotonic() - self.failing_since)
+                self.failing_since = None
+                self.failures = 0
+
+    def failing_for(self) -> float | None:
+        """Seconds since the current outage began; None when storage works."""
+        since = self.failing_since
+        return None if since is None else time.monotonic() - since
+
+    def wall_since(self) -> float | None:
+        """The wall-clock start of the current outage, derived afresh (a clock step moves it along)."""
+        seconds = self.failing_for()
+        return None if seconds is None else round(time.time() - seconds, 3)
+
 
 class Saver:
     """The storage side: validates, stores or quarantines, then marks each message done."""
@@ -203,7 +271,7 @@ class Saver:
                                      self.saver.quarantine_total_bytes)
         self.quarantine_drops = DropLog(log, "quarantine copies of rejected messages", DROP_LOG_INTERVAL)
         self.qos0_drops = DropLog(log, "QoS 0 messages (in-memory queue full)", DROP_LOG_INTERVAL)
-        self.store_failing = FailureClock()  # face writes
+        self.store_failing = StorageOutage(store.describe())  # face writes
         self.decoder_failing = FailureClock()  # no decoder can be started
         self._answers_at_failure = 0
         self.quarantine_writes_failing = FailureClock()  # quarantine writes
@@ -415,7 +483,7 @@ class Saver:
         device = topic[len(head):].split("/", 1)[0] if topic.startswith(head) else ""
         return device if _DEVICE.fullmatch(device) and device != self.reserved_device else INVALID_DEVICE
 
-    def report(self) -> None:
+    def report(self, connection: mqtt.ConnectionState | None = None) -> None:
         """Gauges for the stats file (and ``facehub health``), and any due drop summaries."""
         quota = self.quota.state()
         # Full: the all-devices budget is used up, the volume has no room for the largest message
@@ -434,6 +502,10 @@ class Saver:
         self.runtime.gauge("quarantine_devices_over_quota", quota["devices_over_quota"])
         self.runtime.gauge("quarantine_failing_since", self.quarantine_full.wall_since())
         self.runtime.gauge("store_failing_since", self.store_failing.wall_since())
+        if connection is not None:
+            self.runtime.gauge_since("cloud_down_since", connection.down_for())
+        oldest = self.acks.oldest_age() if self.acks is not None else None
+        self.runtime.gauge("oldest_unacked_age", None if oldest is None else round(oldest, 3))
         failing = self.decoder_failing.failing_for()
         if failing is not None and getattr(self.decoders, "answers", 0) > self._answers_at_failure:
             log.warning("image decoder back after %.1fs", failing)
@@ -444,27 +516,29 @@ class Saver:
 
     def _retry(self, action: Callable[[], bool], what: str) -> bool:
         """Run ``action`` until it succeeds, backing off; raise :class:`Stopped` on shutdown."""
-        delay = self.saver.retry_min
+        backoff = Backoff(self.saver.retry_min, self.saver.retry_max, jitter=RETRY_JITTER)
         key = threading.get_ident()
         while True:
+            started = time.monotonic()
             with self._busy_lock:
-                self._busy[key] = time.monotonic()
+                self._busy[key] = started
             try:
                 result = action()
-                self.store_failing.succeeded()
-                return result
             except Exception as error:
                 self.runtime.count("store_errors")
-                self.store_failing.failed()
-                log.warning("cannot store %s in %s: %s: %s; retrying in %.1fs", what, self.store.describe(),
-                            type(error).__name__, str(error).splitlines()[0][:200] if str(error) else "",
-                            delay)
+                reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+                self.store_failing.failed(started, reason)
+                delay = backoff.next()
+                log.debug("cannot store %s in %s: %s; retrying in %.1fs", what, self.store.describe(), reason,
+                          delay)
+            else:
+                self.store_failing.succeeded(started)
+                return result
             finally:
                 with self._busy_lock:
                     self._busy.pop(key, None)
-            if self.stopping.wait(delay * random.uniform(0.8, 1.2)):
+            if self.stopping.wait(delay):
                 raise Stopped()
-            delay = min(delay * 2, self.saver.retry_max)
 
 
 def client_id(config: Config, runtime: Runtime) -> str:
@@ -522,20 +596,21 @@ def run(config: Config, runtime: Runtime) -> None:
     client.on_connect = on_connect
     client.on_subscribe = on_subscribe
     client.on_message = on_message
-    mqtt.ConnectionState(f"{runtime.name} cloud broker {broker.host}:{broker.port}").attach(client)
+    connection = mqtt.ConnectionState(f"{runtime.name} cloud broker {broker.host}:{broker.port}")
+    connection.attach(client)
     log.info("saving %s into %s as %s (workers=%d, inflight=%d)", topic, store.describe(), broker.client_id,
              config.saver.workers, config.saver.inflight)
     saver.start_workers()
     mqtt.start(client, broker, receive_maximum=config.saver.inflight)
     try:
-        _watch(saver, runtime)
+        _watch(saver, runtime, connection)
     finally:
         saver.stop_workers(timeout=config.saver.timeout + 5)
         mqtt.stop(client)
         runtime.flush()
 
 
-def _watch(saver: Saver, runtime: Runtime) -> None:
+def _watch(saver: Saver, runtime: Runtime, connection: mqtt.ConnectionState | None = None) -> None:
     """Beat while the workers make progress; stop beating when a storage call hangs."""
     warned = False
     while not runtime.stop.is_set():
@@ -550,7 +625,7 @@ def _watch(saver: Saver, runtime: Runtime) -> None:
         else:
             warned = False
             runtime.beat()
-        saver.report()
+        saver.report(connection)
         runtime.wait(0.5)
 
 

@@ -24,7 +24,8 @@ Counters: ``frames`` (processed), ``frames_skipped`` (too late to process),
 1), ``faces_suppressed``, ``faces_dropped``, ``source_errors``; percentiles of
 ``publish_latency_ms`` (capture to acknowledgement) and of ``search_ms`` (one
 full search: how long a new face can go unnoticed beyond ``detect_every``
-frames).
+frames). Gauges: ``queue_depth`` and ``local_down_since`` (when the edge broker went
+out of reach, for ``facehub health --delivery``).
 """
 
 from __future__ import annotations
@@ -202,13 +203,18 @@ class FacePublisher:
     def _run(self) -> None:
         while True:
             with self._cond:
+                self._report_connection()
                 while not self._ready():
                     if self._abandon or (self._closing and not self.queue):
                         return
                     self._cond.wait(0.1)
+                    self._report_connection()
                 face = self.queue.popleft()
             if self.publish_one(face) not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
                 time.sleep(0.05)  # the client refused it (queue full, bad state): back off briefly
+
+    def _report_connection(self) -> None:
+        self.runtime.gauge_since("local_down_since", self.state.down_for())
 
     def _ready(self) -> bool:
         return bool(self.queue) and self.state.connected.is_set() and len(self.inflight) < PUBLISH_WINDOW \

@@ -27,6 +27,11 @@ spool. Across a crash or ``kill -9`` the in-flight marks (memory only) are gone
 and every stored entry is sent again: at-least-once, made exactly-once in the
 bucket by the saver's face-id keys.
 
+Delivery gauges (read by ``facehub health --delivery``): ``local_down_since``
+and ``cloud_down_since`` (when that broker went out of reach), ``spool_failing_since``
+(when spool writes started failing) and ``oldest_spooled_age`` (seconds the
+oldest face in the spool has waited for the cloud's acknowledgement).
+
 Threads: paho's two network threads only put events on queues (the incoming
 queue is bounded, which pushes back on the edge broker; the completion queue
 is bounded by the in-flight window and never blocks, because paho calls
@@ -46,6 +51,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from facehub import mqtt
+from facehub.backoff import Backoff
 from facehub.config import Config
 from facehub.runtime import Runtime
 from facehub.edge.properties import pack_properties
@@ -58,6 +64,7 @@ STORE_BATCH = 1_000          # messages written per spool transaction at most
 EXPIRE_INTERVAL = 5.0        # seconds between spool expiry sweeps
 STORE_RETRY_FOR = 30.0       # a spool write failing this long is fatal: restart, broker redelivers
 LOOP_WAIT = 0.25             # main loop wakes at least this often (heartbeat)
+OLDEST_INTERVAL = 0.5        # seconds between looks at the oldest spooled face
 
 
 @dataclass(frozen=True)
@@ -107,9 +114,9 @@ class Forwarder:
         self._sent: dict[int, int] = {}   # paho mid -> spool id, owned by the main loop
         self._broker_receive_maximum = 65535
         self._cloud_ready = threading.Event()  # connected, and the broker's limits are known
-        self._retry_at = 0.0
-        self._reject_backoff = config.cloud.reconnect_min
+        self._refusals = Backoff(config.cloud.reconnect_min, config.cloud.reconnect_max)
         self._next_expiry = 0.0
+        self._next_oldest = 0.0
         self._store_failing_since: float | None = None
         self._unstored: list[Received] = []   # taken from the queue, spool write failed
 
@@ -290,10 +297,9 @@ class Forwarder:
         """
         self.spool.release(entry_ids)
         self.runtime.count("forward_refused", len(entry_ids))
+        delay = self._refusals.next()
         log.warning("cloud broker refused %d publishes (%s); they stay in the spool, retrying in %.1fs",
-                    len(entry_ids), reason, self._reject_backoff)
-        self._retry_at = time.monotonic() + self._reject_backoff
-        self._reject_backoff = min(self._reject_backoff * 2, self.config.cloud.reconnect_max)
+                    len(entry_ids), reason, delay)
 
     def _settle(self, delivered: list[int]) -> None:
         if not delivered:
@@ -307,11 +313,11 @@ class Forwarder:
             self.runtime.count("spool_errors")
             return
         self.runtime.count("forwarded", len(delivered))
-        self._reject_backoff = self.config.cloud.reconnect_min
+        self._refusals.reset()
 
     def _send(self) -> None:
         """Publish the oldest pending entries while the window has room and the cloud is up."""
-        if not self._cloud_ready.is_set() or time.monotonic() < self._retry_at:
+        if not self._cloud_ready.is_set() or not self._refusals.due:
             return
         room = self.effective_window - len(self._sent)
         if room <= 0:
@@ -358,3 +364,13 @@ class Forwarder:
         self.runtime.gauge("edge_connected", self.local_state.connected.is_set())
         self.runtime.gauge("edge_subscribed", self.subscribed.is_set())
         self.runtime.gauge("cloud_connected", self.cloud_state.connected.is_set())
+        self.runtime.gauge_since("local_down_since", self.local_state.down_for())
+        self.runtime.gauge_since("cloud_down_since", self.cloud_state.down_for())
+        failing = self._store_failing_since
+        self.runtime.gauge_since("spool_failing_since", None if failing is None else time.monotonic() - failing)
+        now = time.monotonic()
+        if now >= self._next_oldest:
+            self._next_oldest = now + OLDEST_INTERVAL
+            oldest = self.spool.oldest_received()  # wall clock: it is stored and outlives the process
+            age = None if oldest is None else round(max(0.0, time.time() - oldest), 3)
+            self.runtime.gauge("oldest_spooled_age", age)

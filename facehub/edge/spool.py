@@ -183,6 +183,14 @@ class Spool:
         with self._lock:
             return self._bytes
 
+    def oldest_received(self) -> float | None:
+        """When the oldest stored entry was received (wall clock, as stored), or None when empty."""
+        with self._lock:
+            if not self._count:
+                return None
+            row = self._db.execute("SELECT MIN(received) FROM messages").fetchone()
+        return row[0] if row else None
+
     @property
     def in_flight(self) -> int:
         with self._lock:
