@@ -111,19 +111,30 @@ def test_rendered_variants_validate_strictly(variant, tmp_path):
 
 
 def test_edge_pod_is_locked_down():
-    """Probes call `facehub health`; non-root, read-only root, limits, camera mounted."""
+    """Probes call `facehub health` (readiness: `--delivery`); non-root, read-only root, limits, camera mounted."""
     edge = next(doc for doc in yaml.safe_load_all((ROOT / "containers/k8s/facehub-30-edge.yaml").read_text())
                 if doc and doc["kind"] == "Deployment")
     pod = edge["spec"]["template"]["spec"]
     container = pod["containers"][0]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "livenessProbe"):
         assert container[probe]["exec"]["command"] == ["facehub", "health"]
+    assert container["readinessProbe"]["exec"]["command"] == ["facehub", "health", "--delivery"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] != 0
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert set(container["resources"]) == {"requests", "limits"}
     assert {"name": "camera", "mountPath": "/dev/video0"} in container["volumeMounts"]
     assert all("value" not in env for env in container["env"]), "secrets come from a Secret, not inline"
+
+
+def test_docker_health_checks_report_delivery():
+    """Docker restarts no unhealthy container: its health check is for people, so it reports delivery."""
+    compose = yaml.safe_load((ROOT / "containers/compose.yaml").read_text())
+    assert compose["services"]["saver"]["healthcheck"]["test"] == ["CMD", "facehub", "health", "--delivery"]
+    tasks = yaml.safe_load((ROOT / "roles/facehub_cloud/tasks/main.yml").read_text())
+    savers = next(task for task in tasks if "community.docker.docker_container" in task)
+    assert savers["community.docker.docker_container"]["healthcheck"]["test"] == \
+        ["CMD", "facehub", "health", "--delivery"]
 
 
 @pytest.mark.skipif(not DOCKERFILES, reason="no Dockerfile")
