@@ -23,7 +23,7 @@ COMPONENTS = {
 }
 ROLES = ("edge", "cloud")
 # Gauges the supervisor adds up across children for its one-line summary.
-SUMMARY_GAUGES = ("spool_depth",)
+SUMMARY_GAUGES = ("spool_depth", "dead_letters")
 
 
 def role_specs(config: Config, role: str) -> list[ChildSpec]:

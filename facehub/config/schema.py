@@ -196,8 +196,15 @@ class ForwarderConfig:
     spool_max_age: float = 7 * 86400.0  # seconds a face may wait in the spool before it is dropped and counted
     fsync: str = "full"  # 'full' (survives power loss), 'normal' or 'off'
     inflight: int = 100  # faces sent to the cloud broker and not yet acknowledged
+    # refusals for good (not authorized, invalid topic or payload) before a face moves to the dead letters
+    max_refusals: int = 3
+    dead_letters_max: int = 10_000  # faces kept in the dead letters; beyond it the oldest are dropped and counted
+    stats_interval: float = 60.0  # seconds between two stats messages to the cloud (0 = none)
 
     def validate(self, section: str = "forwarder") -> None:
+        _check(self.max_refusals >= 1, f"{section}.max_refusals", "must be >= 1")
+        _check(self.dead_letters_max >= 0, f"{section}.dead_letters_max", "must be >= 0")
+        _check(self.stats_interval >= 0, f"{section}.stats_interval", "must be >= 0 (0 = no stats)")
         _check(self.fsync in ("full", "normal", "off"), f"{section}.fsync", "must be full, normal or off")
         _check(self.spool_max_messages >= 1, f"{section}.spool_max_messages", "must be >= 1")
         _check(self.spool_max_bytes >= 1024, f"{section}.spool_max_bytes", "must be >= 1024")
@@ -412,6 +419,7 @@ class Config:
     # this device's id, in topics and storage keys (default: the host name)
     device_id: str = field(default_factory=lambda: _safe_name(socket.gethostname()))
     topic_prefix: str = "faces"  # faces are published on <topic_prefix>/<device_id>
+    status_prefix: str = "facehub"  # availability and stats go to <status_prefix>/<device_id>/...
     log_level: str = "INFO"  # DEBUG, INFO, WARNING or ERROR
     # the edge broker keeps the forwarder's queue however long the forwarder is down (bounded by the
     # broker's max_queued_messages), so faces published meanwhile still reach the cloud
@@ -435,6 +443,11 @@ class Config:
         """The filter matching every device's faces."""
         return f"{self.topic_prefix}/#"
 
+    @property
+    def status_topic(self) -> str:
+        """Where this device says how it is: ``<status_prefix>/<device_id>`` + /availability, /stats."""
+        return f"{self.status_prefix}/{self.device_id}"
+
     def validate(self) -> "Config":
         _check(bool(self.device_id) and _safe_name(self.device_id) == self.device_id
                and self.device_id[0].isalnum() and len(self.device_id) <= 128, "device_id",
@@ -442,6 +455,9 @@ class Config:
         _check(bool(self.topic_prefix) and not any(c in self.topic_prefix for c in "#+")
                and not self.topic_prefix.startswith("$") and not self.topic_prefix.endswith("/"),
                "topic_prefix", "must be non-empty, without wildcards, '$' start or trailing '/'")
+        _check(bool(self.status_prefix) and not any(c in self.status_prefix for c in "#+")
+               and not self.status_prefix.startswith("$") and not self.status_prefix.endswith("/"),
+               "status_prefix", "must be non-empty, without wildcards, '$' start or trailing '/'")
         _check(self.log_level.upper() in ("DEBUG", "INFO", "WARNING", "ERROR"), "log_level",
                "must be DEBUG, INFO, WARNING or ERROR")
         self.local.validate("local")

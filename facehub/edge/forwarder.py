@@ -3,7 +3,10 @@
 Store and forward, in three steps:
 
 1. *Receive.* A persistent session on the edge broker (stable client id, clean
-   start off, session expiry) subscribes to ``<prefix>/#`` with manual acks.
+   start off, session expiry) subscribes to this device's own topic
+   (``<prefix>/<device_id>``) with manual acks: the edge broker is open to
+   anything on the box, and faces published under another device's name would
+   only be refused by the cloud.
    paho's network thread hands each message to a bounded queue; nothing is
    acknowledged yet, so the edge broker still owns it.
 2. *Store.* The forwarder's main loop writes whatever has arrived to the spool
@@ -27,6 +30,20 @@ spool. Across a crash or ``kill -9`` the in-flight marks (memory only) are gone
 and every stored entry is sent again: at-least-once, made exactly-once in the
 bucket by the saver's face-id keys.
 
+Refusals. The cloud broker may refuse a face for a while (no saver subscribed yet,
+quota) or for good (not authorized, invalid topic or payload): a face refused for
+good ``forwarder.max_refusals`` times moves to the spool's dead letters
+(``dead_lettered``, gauge ``dead_letters``), so it cannot hold up the faces behind
+it; transient refusals are retried with backoff, as long as the spool's limits allow.
+
+Availability and stats. The cloud connection carries a last will, ``offline`` on
+``<status_prefix>/<device_id>/availability``; after each connect the forwarder
+publishes ``online`` there, and ``offline`` on a clean stop. Every
+``forwarder.stats_interval`` it publishes a JSON summary on ``.../stats`` (frames,
+faces, spool depth, oldest spooled age, detector fps, search ms p95, uptime,
+version). These are not retained: the cloud broker refuses retained messages
+(a device must not be able to plant one), so a watcher keeps a persistent session.
+
 Delivery gauges (read by ``facehub health --delivery``): ``local_down_since``
 and ``cloud_down_since`` (when that broker went out of reach), ``spool_failing_since``
 (when spool writes started failing) and ``oldest_spooled_age`` (seconds the
@@ -41,6 +58,7 @@ work happens in the main loop, which also beats the heartbeat.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -50,10 +68,10 @@ from dataclasses import dataclass
 import paho.mqtt.client as paho
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from facehub import mqtt
+from facehub import __version__, mqtt
 from facehub.backoff import Backoff
 from facehub.config import Config
-from facehub.runtime import Runtime
+from facehub.runtime import Runtime, read_stats
 from facehub.edge.properties import pack_properties
 from facehub.edge.spool import Record, Spool, SpoolError
 
@@ -77,6 +95,10 @@ class Received:
 
 
 NO_MATCHING_SUBSCRIBERS = 16  # MQTT v5 PUBACK reason code: accepted, but nobody will get it
+# PUBACK reason codes that will not change by trying again: not authorized, topic name
+# invalid, packet too large, payload format invalid
+REFUSED_FOR_GOOD = frozenset({135, 144, 149, 153})
+ONLINE, OFFLINE = "online", "offline"
 
 
 def delivered_to_a_subscriber(reason_code) -> bool:
@@ -88,6 +110,27 @@ def client_ids(config: Config) -> tuple[str, str]:
     """Stable client ids (edge, cloud): persistent sessions need the same id after a restart."""
     base = f"facehub-forwarder-{config.device_id}"
     return base, f"{base}-cloud"
+
+
+def device_stats(components: dict[str, dict], runtime: Runtime, spool: Spool, uptime: float,
+                 detector_fps: float | None) -> dict:
+    """What the stats topic says: the detector's and forwarder's main figures, from their stats files."""
+    detector = components.get("detector", {})
+    counters = detector.get("counters", {})
+    search = detector.get("percentiles", {}).get("search_ms", {})
+    oldest = spool.oldest_received()
+    return {
+        "version": __version__,
+        "uptime": round(uptime, 1),
+        "frames": counters.get("frames", 0),
+        "faces": counters.get("faces_published", 0),
+        "detector_fps": detector_fps,
+        "search_ms_p95": search.get("p95"),
+        "forwarded": runtime.counter("forwarded"),
+        "spool_depth": spool.depth,
+        "dead_letters": spool.dead_letters,
+        "oldest_spooled_age": None if oldest is None else round(max(0.0, time.time() - oldest), 1),
+    }
 
 
 def run(config: Config, runtime: Runtime) -> None:
@@ -131,6 +174,13 @@ class Forwarder:
 
         self.cloud = mqtt.make_client(config.cloud, cloud_id)
         self.cloud.max_inflight_messages_set(self.window)
+        self.availability_topic = f"{config.status_topic}/availability"
+        self.stats_topic = f"{config.status_topic}/stats"
+        self.cloud.will_set(self.availability_topic, OFFLINE, qos=1, retain=False)
+        self._started = time.monotonic()
+        self._next_stats = time.monotonic() + config.forwarder.stats_interval
+        self._refusal_counts: dict[int, int] = {}  # spool id -> refusals for good so far
+        self._last_frames: tuple[int, float] = (0, 0.0)  # detector frames at the last stats message
         self.cloud_state = mqtt.ConnectionState("forwarder cloud broker")
         self.cloud.on_connect = self._on_cloud_connect
         self.cloud.on_disconnect = self._on_cloud_disconnect
@@ -142,14 +192,16 @@ class Forwarder:
     def _on_local_connect(self, client, userdata, flags, reason_code, properties):
         if reason_code.is_failure:
             return
-        # The subscription survives in the persistent session; renewing it is harmless.
-        client.subscribe(self.config.topic_filter, options=SubscribeOptions(qos=self.config.local.qos))
+        # The subscription survives in the persistent session; renewing it is harmless. A session
+        # made by an older version may still hold the filter of every device's faces: drop it.
+        client.unsubscribe(self.config.topic_filter)
+        client.subscribe(self.config.topic, options=SubscribeOptions(qos=self.config.local.qos))
 
     def _on_local_subscribe(self, client, userdata, mid, reason_codes, properties):
         if all(not code.is_failure for code in reason_codes):
             self.subscribed.set()
         else:
-            log.error("edge broker refused the subscription to %s: %s", self.config.topic_filter,
+            log.error("edge broker refused the subscription to %s: %s", self.config.topic,
                       ", ".join(str(code) for code in reason_codes))
 
     def _on_message(self, client, userdata, message: paho.MQTTMessage):
@@ -171,6 +223,7 @@ class Forwarder:
         if not reason_code.is_failure:
             # Never more unacknowledged publishes than the broker says it accepts (paho does not check).
             self._broker_receive_maximum = getattr(properties, "ReceiveMaximum", 65535)
+            client.publish(self.availability_topic, ONLINE, qos=1)
             self._cloud_ready.set()
             self._wake.set()
 
@@ -187,7 +240,7 @@ class Forwarder:
 
     def run(self) -> None:
         log.info("forwarding %s from %s:%d to %s:%d (QoS %d -> %d, spool %s, fsync=%s, window %d)",
-                 self.config.topic_filter, self.config.local.host, self.config.local.port,
+                 self.config.topic, self.config.local.host, self.config.local.port,
                  self.config.cloud.host, self.config.cloud.port, self.config.local.qos,
                  self.cloud_qos, self.spool.path, self.spool.fsync, self.window)
         mqtt.start(self.cloud, self.config.cloud, persistent=True)
@@ -198,6 +251,7 @@ class Forwarder:
         finally:
             mqtt.stop(self.local)       # first: nothing new arrives, unacked ones stay at the broker
             self._drain_completions()   # delete what the cloud confirmed meanwhile
+            self._say_offline()
             mqtt.stop(self.cloud)
             self._update_gauges()
             self.runtime.flush()
@@ -285,6 +339,9 @@ class Forwarder:
         self._settle(delivered)
         if refused:
             self._refused(refused, reason)
+        if buried := [entry_id for entry_id in refused
+                      if self._refusal_counts.get(entry_id, 0) >= self.config.forwarder.max_refusals]:
+            self._bury(buried, reason)
 
     def _refused(self, entry_ids: list[int], reason) -> None:
         """The cloud broker said no (not authorized, quota exceeded, no subscriber...): keep them, retry.
@@ -297,9 +354,22 @@ class Forwarder:
         """
         self.spool.release(entry_ids)
         self.runtime.count("forward_refused", len(entry_ids))
+        if reason is not None and reason.value in REFUSED_FOR_GOOD:
+            for entry_id in entry_ids:
+                self._refusal_counts[entry_id] = self._refusal_counts.get(entry_id, 0) + 1
         delay = self._refusals.next()
         log.warning("cloud broker refused %d publishes (%s); they stay in the spool, retrying in %.1fs",
                     len(entry_ids), reason, delay)
+
+    def _bury(self, entry_ids: list[int], reason) -> None:
+        """Faces the cloud refuses for good move out of the way, to the spool's dead letters."""
+        moved = self.spool.bury(entry_ids, str(reason), self.config.forwarder.dead_letters_max)
+        for entry_id in entry_ids:
+            self._refusal_counts.pop(entry_id, None)
+        self.runtime.count("dead_lettered", moved)
+        self._refusals.reset()  # what is left behind them may well be fine
+        log.error("moved %d faces the cloud broker refused %d times (%s) to the spool's dead letters "
+                  "(%s, table dead_letters)", moved, self.config.forwarder.max_refusals, reason, self.spool.path)
 
     def _settle(self, delivered: list[int]) -> None:
         if not delivered:
@@ -313,6 +383,8 @@ class Forwarder:
             self.runtime.count("spool_errors")
             return
         self.runtime.count("forwarded", len(delivered))
+        for entry_id in delivered:
+            self._refusal_counts.pop(entry_id, None)
         self._refusals.reset()
 
     def _send(self) -> None:
@@ -347,6 +419,7 @@ class Forwarder:
         self.runtime.count("spool_dropped")
 
     def _housekeeping(self) -> None:
+        self._publish_stats()
         now = time.monotonic()
         if now >= self._next_expiry:
             self._next_expiry = now + EXPIRE_INTERVAL
@@ -356,9 +429,35 @@ class Forwarder:
             self.spool.log_drops()
         self._update_gauges()
 
+    def _say_offline(self) -> None:
+        """A clean stop: tell the cloud at once instead of leaving it to the will (keepalive x 1.5)."""
+        if not self._cloud_ready.is_set():
+            return
+        info = self.cloud.publish(self.availability_topic, OFFLINE, qos=1)
+        try:
+            info.wait_for_publish(timeout=2.0)
+        except (RuntimeError, ValueError):
+            pass  # not connected after all: the will says it
+
+    def _publish_stats(self) -> None:
+        """The device's summary on the stats topic, every ``forwarder.stats_interval`` seconds."""
+        interval = self.config.forwarder.stats_interval
+        now = time.monotonic()
+        if not interval or now < self._next_stats or not self._cloud_ready.is_set():
+            return
+        self._next_stats = now + interval
+        components = read_stats(self.config.supervisor.state_dir)
+        frames = components.get("detector", {}).get("counters", {}).get("frames", 0)
+        last_frames, last_at = self._last_frames
+        fps = round((frames - last_frames) / (now - last_at), 1) if last_at and frames >= last_frames else None
+        self._last_frames = (frames, now)
+        stats = device_stats(components, self.runtime, self.spool, uptime=now - self._started, detector_fps=fps)
+        self.cloud.publish(self.stats_topic, json.dumps(stats, sort_keys=True), qos=0)
+
     def _update_gauges(self) -> None:
         self.runtime.gauge("spool_depth", self.spool.depth)
         self.runtime.gauge("spool_bytes", self.spool.bytes)
+        self.runtime.gauge("dead_letters", self.spool.dead_letters)
         self.runtime.gauge("inflight", len(self._sent))
         self.runtime.gauge("window", self.effective_window)
         self.runtime.gauge("edge_connected", self.local_state.connected.is_set())

@@ -20,6 +20,11 @@ Deleting a delivered entry is committed with ``synchronous=NORMAL`` whatever
 the policy: a delete lost to a power cut costs a duplicate, never a face, and
 it saves one fsync per batch.
 
+Dead letters: an entry the cloud broker refuses for good (not authorized,
+invalid topic or payload) moves to a table of its own after a few tries
+(:meth:`Spool.bury`), so it no longer holds up the faces behind it; it stays
+there, bounded and counted, for an operator to read with the sqlite3 shell.
+
 Limits: ``max_messages``, ``max_bytes`` and ``max_age``. When a new entry does
 not fit, the oldest entries that are not in flight are dropped (drop-oldest:
 the newest faces are the most useful); entries older than ``max_age`` are
@@ -68,6 +73,17 @@ CREATE TABLE IF NOT EXISTS messages (
     payload BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS messages_received ON messages (received);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id INTEGER PRIMARY KEY,
+    received REAL NOT NULL,
+    size INTEGER NOT NULL,
+    qos INTEGER NOT NULL,
+    topic TEXT NOT NULL,
+    properties TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    buried REAL NOT NULL,
+    reason TEXT NOT NULL
+);
 """
 
 class SpoolError(RuntimeError):
@@ -190,6 +206,43 @@ class Spool:
                 return None
             row = self._db.execute("SELECT MIN(received) FROM messages").fetchone()
         return row[0] if row else None
+
+    @property
+    def dead_letters(self) -> int:
+        """Entries set aside for good (the cloud refused them for good), kept for an operator."""
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM dead_letters").fetchone()[0]
+
+    def bury(self, ids: Iterable[int], reason: str, keep: int) -> int:
+        """Move entries to the dead letters (out of the way of the faces behind them); how many moved.
+
+        At most ``keep`` dead letters are kept: the oldest beyond that are deleted, and
+        counted as drops (``dropped_total``), never silently.
+        """
+        ids = list(ids)
+        if not ids:
+            return 0
+        now = self._clock()
+        with self._lock:
+            with self._transaction():
+                moved = []
+                for entry_id in ids:
+                    row = self._db.execute("DELETE FROM messages WHERE id = ? RETURNING id, received, size, qos, "
+                                           "topic, properties, payload", (entry_id,)).fetchone()
+                    if row:
+                        moved.append(row)
+                        self._db.execute("INSERT OR REPLACE INTO dead_letters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                         (*row, now, reason))
+                excess = self._db.execute(
+                    "DELETE FROM dead_letters WHERE id NOT IN (SELECT id FROM dead_letters ORDER BY id DESC LIMIT ?) "
+                    "RETURNING id", (keep,)).fetchall()
+            self._in_flight.difference_update(ids)
+            self._count -= len(moved)
+            self._bytes -= sum(row[2] for row in moved)
+            if excess:
+                self.dropped_total += len(excess)
+                self._drop_log.add(len(excess), self)
+        return len(moved)
 
     @property
     def in_flight(self) -> int:
