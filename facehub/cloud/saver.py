@@ -398,7 +398,7 @@ class Saver:
                      self.config.topic_prefix)
         if face.device_id == self.reserved_device:
             raise InvalidFace(f"device id {face.device_id!r} is reserved for the quarantine prefix")
-        delay = self.saver.retry_min
+        backoff = Backoff(self.saver.retry_min, self.saver.retry_max, jitter=RETRY_JITTER)
         while True:
             try:
                 check_image(face.content_type, face.image, self.saver.max_pixels, self.decoders)
@@ -413,9 +413,8 @@ class Saver:
                 self.decoder_failing.failed()
                 self._answers_at_failure = getattr(self.decoders, "answers", 0)
                 self.runtime.count("decoder_unavailable")
-                if self.stopping.wait(delay * random.uniform(0.8, 1.2)):
+                if self.stopping.wait(backoff.next()):
                     raise Stopped() from None
-                delay = min(delay * 2, self.saver.retry_max)
             except DecoderCrashed as crash:
                 if self.stopping.is_set():
                     raise Stopped() from None  # shutting down, not a crash

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import cv2
 import numpy as np
 
+from facehub.backoff import Backoff
 from facehub.config import DetectorConfig
 from facehub.runtime import Runtime
 from facehub.edge.detection.source import SourceError, describe, open_source
@@ -43,7 +44,7 @@ class FrameReader:
         self.runtime = runtime
         self.ended = False
         self.source_label = cfg.source
-        self._delay = cfg.reopen_min
+        self._reopen = Backoff(cfg.reopen_min, cfg.reopen_max)
         self._number = 0
         self._file_frames = 0  # frames read from files, across loops: the video clock
 
@@ -69,7 +70,7 @@ class FrameReader:
             if self.runtime.stop.is_set():
                 return
             if source.ends and read:
-                self._delay = self.cfg.reopen_min
+                self._reopen.reset()
                 if not self.cfg.loop:
                     self.ended = True
                     log.info("detector: %s ended after %d frames", source.label, read)
@@ -78,7 +79,7 @@ class FrameReader:
                 replay = True
                 continue
             if read:
-                self._delay = self.cfg.reopen_min
+                self._reopen.reset()
             self._failed(f"{source.label}: no frame could be read" if not read
                          else f"{source.label}: stopped delivering frames after {read}")
 
@@ -134,9 +135,9 @@ class FrameReader:
     def _failed(self, reason: str) -> None:
         """Log and count a source failure, then wait (beating) before the next attempt."""
         self.runtime.count("source_errors")
-        log.warning("detector: %s; retrying in %.1fs", reason, self._delay)
-        deadline = time.monotonic() + self._delay
-        self._delay = min(self._delay * 2, self.cfg.reopen_max)
+        delay = self._reopen.next()
+        log.warning("detector: %s; retrying in %.1fs", reason, delay)
+        deadline = self._reopen.retry_at
         while not self.runtime.stop.is_set():
             self.runtime.beat()
             left = deadline - time.monotonic()
