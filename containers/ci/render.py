@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides[key] = yaml.safe_load(value)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for name in args.template or templates(args.role):
+        (args.out_dir / name).parent.mkdir(parents=True, exist_ok=True)
         (args.out_dir / name).write_text(render(args.role, name, overrides))
         print(args.out_dir / name)
     return 0
