@@ -155,9 +155,10 @@ def read_env_file(path: Path) -> dict[str, str]:
     return {key: value for key, value in pairs if key.startswith("FACEHUB_")}
 
 
-@pytest.mark.parametrize("variant", [{}, {"facehub_edge_yunet_fetch": True, "facehub_edge_metrics_port": 0,
+@pytest.mark.parametrize("variant", [{}, {"facehub_edge_detector_model_path": "/srv/models/yunet.onnx",
+                                         "facehub_edge_metrics_port": 0,
                                          "facehub_edge_extra_env": {"FACEHUB_DETECTOR_LOOP": True}}],
-                         ids=["defaults", "yunet-no-metrics"])
+                         ids=["defaults", "model-path-no-metrics"])
 def test_env_file_is_the_configmap_and_secret(variant, tmp_path):
     values = {"facehub_edge_cloud_password": PASSWORD, **variant}
     path = tmp_path / "edge.env"
@@ -165,8 +166,6 @@ def test_env_file_is_the_configmap_and_secret(variant, tmp_path):
     env = read_env_file(path)
     expected = {**configmap(values, "facehub-edge-config"), **SYSTEMD_SETTINGS,
                 "FACEHUB_CLOUD_PASSWORD": PASSWORD}
-    if variant.get("facehub_edge_yunet_fetch"):
-        expected["FACEHUB_DETECTOR_MODEL_PATH"] = "/var/lib/facehub-models/face_detection_yunet_2023mar.onnx"
     if render.role_defaults("facehub_edge")["facehub_edge_metrics_port"] and "facehub_edge_metrics_port" not in variant:
         expected["FACEHUB_METRICS_HOST"] = "127.0.0.1"
     assert env == expected
@@ -246,7 +245,7 @@ def test_ansible_renders_the_systemd_files_as_render_py_does(tmp_path):
         "loop": names}]))
     (tmp_path / "play.yml").write_text(yaml.safe_dump([{
         "hosts": "localhost", "connection": "local", "gather_facts": False, "roles": ["rendered"]}]))
-    values = {"facehub_edge_cloud_password": PASSWORD, "facehub_edge_yunet_fetch": True,
+    values = {"facehub_edge_cloud_password": PASSWORD, "facehub_edge_detector_model_path": "/srv/yunet.onnx",
               "facehub_edge_systemd_device_allow": ["/dev/nvhost-ctrl rw"],
               "ansible_python_interpreter": str(LINT_BIN / "python")}
     (tmp_path / "values.yml").write_text(yaml.safe_dump(values))

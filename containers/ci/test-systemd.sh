@@ -4,8 +4,9 @@
 # runc, cgroupfs, host networking, storage in a temporary folder):
 #
 #   1. ansible/edge.yml runs against it (containers.podman connection): Debian's mosquitto on
-#      loopback, the facehub user, FaceHub in /opt/facehub from a wheel built here, the
-#      settings, the unit; the play waits for `facehub health`; a second run changes nothing;
+#      loopback, the facehub user, FaceHub in /opt/facehub from a wheel built here, the YuNet
+#      model, the settings, the unit; the play waits for `facehub health`; a second run
+#      changes nothing;
 #   2. the unit runs as systemd was told (notify, watchdog, user), faces flow from the sample
 #      clip through the local broker to the forwarder's spool and the logger (seen in /metrics),
 #      the broker listens on 127.0.0.1 only;
@@ -21,6 +22,7 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 . "$root/containers/ci/debian-root.sh"  # unmount_under
 venv=${FACEHUB_LINT_VENV:-/tmp/lintvenv}
 mirror=${FACEHUB_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+shared=${FACEHUB_SHARED:-$root/../shared}
 keep=${FACEHUB_KEEP_WORK:-}
 name=facehub-systemd-edge
 started=$(date +%s)
@@ -118,11 +120,25 @@ podman run -d --name "$name" --hostname "$name" --privileged --systemd=always \
 poll "systemd booted in $name" 60 sh -c "podman exec $name systemctl is-system-running | grep -Eq 'running|degraded'" ||
     fail "systemd did not boot in the container"
 say "booted Debian with systemd $(podman exec "$name" systemctl --version | head -1 | cut -d' ' -f2) in $(( $(date +%s) - t0 ))s"
-# pip on the box trusts what this machine trusts (a proxy's CA, a mirror)
-podman cp /etc/ssl/certs/ca-certificates.crt "$name:/etc/ssl/host-ca.crt"
-pip_args="--cert /etc/ssl/host-ca.crt${PIP_INDEX_URL:+ --index-url $PIP_INDEX_URL}"
+# The box trusts what this machine trusts (a proxy's CA): the system's bundle for the model's
+# download, pip's own option for pip (it reads its own bundle); and the same package mirror.
+podman cp /etc/ssl/certs/ca-certificates.crt "$name:/etc/ssl/certs/ca-certificates.crt"
+pip_args="--cert /etc/ssl/certs/ca-certificates.crt${PIP_INDEX_URL:+ --index-url $PIP_INDEX_URL}"
 
 # Ports picked now, after the slow boot, to leave the tests of others little time to take them.
+# The YuNet model the play fetches: the test suite's copy, offered to the box as a file:// URL
+# (the model zoo may be out of reach here); without it the play fetches none and Haar runs.
+model=$shared/models/face_detection_yunet.onnx
+if [ -f "$model" ]; then
+    podman cp "$model" "$name:/root/yunet.onnx"
+    yunet_vars="facehub_edge_yunet_url: file:///root/yunet.onnx
+          facehub_edge_yunet_sha256: $(sha256sum "$model" | cut -d' ' -f1)"
+    backend=yunet
+else
+    yunet_vars="facehub_edge_yunet_fetch: false"
+    backend=haar
+fi
+
 free_port() { "$venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 mqtt_port=$(free_port)
 metrics_port=$(free_port)
@@ -149,6 +165,7 @@ all:
           facehub_edge_detector_source: /opt/facehub/lib/python3.11/site-packages/facehub/samples/astronaut.mp4
           facehub_edge_extra_env: {FACEHUB_DETECTOR_LOOP: "true"}
           facehub_edge_systemd_pip_args: "$pip_args"
+          $yunet_vars
 EOF
 
 # 1. The play, twice.
@@ -203,6 +220,8 @@ poll "faces published, spooled by the forwarder and logged" 60 flowing ||
     fail "no faces through the local broker: $(box journalctl --no-pager -n 20 -u facehub-edge)"
 check "faces went camera -> broker -> spool and logger: published $(metric facehub_faces_published_total detector), spooled $(metric facehub_spooled_total forwarder), logged $(metric facehub_logged_total logger)" flowing
 check "the spool is in the unit's StateDirectory" box test -s /var/lib/facehub/spool.db
+check "the detector runs $backend (backend auto, the fetched model linked at /opt/facehub/models)" \
+    sh -c "podman exec $name journalctl --no-pager -u facehub-edge | grep -q 'detector: $backend backend'"
 
 # 3. The watchdog, and a clean stop.
 depth=$(metric facehub_spool_depth forwarder)
