@@ -14,7 +14,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # The deployment tools (podman...) are containers/ci/install-deps.sh's.
 APT_PACKAGES := mosquitto mosquitto-clients python3-venv iproute2 ca-certificates git chromium chromium-driver
 
-.PHONY: demo test test-fast test-containers bench lint deploy deploy-edge deploy-cloud deploy-deps \
+.PHONY: demo test test-fast test-containers test-systemd bench lint deploy deploy-edge deploy-cloud deploy-deps \
         install-deps system-deps venv lock clean sample-clip
 
 demo: system-deps venv            ## run detector -> brokers -> saver on the built-in clip
@@ -55,6 +55,9 @@ lint: deploy-deps                 ## playbooks, ansible-lint, yamllint, manifest
 
 test-containers: deploy-deps      ## build and run the real containers with podman
 	FACEHUB_LINT_VENV=$(LINT_VENV) bash containers/ci/test-containers.sh
+
+test-systemd: deploy-deps         ## the edge play's systemd runtime against systemd booted in podman
+	FACEHUB_LINT_VENV=$(LINT_VENV) bash containers/ci/test-systemd.sh
 
 deploy-edge: deploy-deps          ## K3s + FaceHub on the edge group
 	$(LINT_VENV)/bin/ansible-playbook ansible/edge.yml $(ANSIBLE_ARGS)

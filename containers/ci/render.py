@@ -44,6 +44,7 @@ def _filters(role: str) -> dict[str, Any]:
         "to_json": lambda value: json.dumps(value),
         "b64encode": lambda value: base64.b64encode(str(value).encode()).decode(),
         "string": str,
+        "from_yaml_all": lambda text: list(yaml.safe_load_all(text)),
         "bool": lambda value: value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on"),
     }
     for plugin in sorted((ROLES / role / "filter_plugins").glob("*.py")):
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides[key] = yaml.safe_load(value)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for name in args.template or templates(args.role):
+        (args.out_dir / name).parent.mkdir(parents=True, exist_ok=True)
         (args.out_dir / name).write_text(render(args.role, name, overrides))
         print(args.out_dir / name)
     return 0

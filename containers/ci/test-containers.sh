@@ -173,6 +173,8 @@ check "facehub health says unhealthy (1) with no supervisor running: $health_out
 free_port() { "$venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 cloud_port=$(free_port)
 edge_port=$(free_port)
+cloud_metrics_port=$(free_port)
+edge_metrics_port=$(free_port)
 device_password=$(openssl rand -hex 16)
 saver_password=$(openssl rand -hex 16)
 mkdir -p "$work/fetched"  # the faces folder is made by the facehub_cloud role
@@ -222,6 +224,7 @@ all:
           facehub_cloud_saver_instances: 2
           facehub_cloud_storage_dir: $work/faces
           facehub_cloud_memory: 1g
+          facehub_cloud_metrics_port: $cloud_metrics_port
           facehub_cloud_container_comparisons: *podman_comparisons
     edge:
       hosts:
@@ -242,6 +245,7 @@ all:
           facehub_edge_camera_device: ""
           facehub_edge_node_selector: {}
           facehub_edge_spool_size: 256Mi
+          facehub_edge_metrics_port: $edge_metrics_port
 EOF
 chmod 0600 "$work/inventory.yml"
 
@@ -260,6 +264,14 @@ check "the broker and the savers run as containers made through the Docker API" 
     test "$(podman ps --filter name=facehub-mosquitto --filter name=facehub-saver --format '{{.Names}}' | wc -l)" = 2
 check "the savers are healthy (facehub health in the container)" \
     podman exec facehub-saver facehub health
+# scrape PORT: /metrics on 127.0.0.1 answers with the supervisor's children
+scrape() {
+    "$venv/bin/python" -c "import sys, urllib.request
+body = urllib.request.urlopen('http://127.0.0.1:$1/metrics', timeout=5).read().decode()
+sys.exit(0 if 'facehub_child_up{' in body else 1)"
+}
+poll "the savers' /metrics on 127.0.0.1:$cloud_metrics_port" 30 scrape "$cloud_metrics_port" ||
+    fail "the savers never served /metrics on 127.0.0.1:$cloud_metrics_port"
 
 # 4. The edge: the role renders the manifests, podman plays them.
 t0=$(date +%s)
@@ -307,6 +319,8 @@ poll "the edge broker ($broker) on 127.0.0.1:$edge_port" 60 \
     fail "the edge broker never listened"
 poll "the edge pod reports healthy" 120 podman healthcheck run "$edge" ||
     fail "the edge pod never became healthy: $(podman exec "$edge" facehub health 2>&1)"
+poll "the edge pod's /metrics on port $edge_metrics_port" 30 scrape "$edge_metrics_port" ||
+    fail "the edge pod never served /metrics on port $edge_metrics_port"
 
 # 5. A face detected at the edge, stored by the containerised saver.
 t0=$(date +%s)
