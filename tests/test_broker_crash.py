@@ -66,7 +66,7 @@ def test_edge_broker_crash_while_the_forwarder_is_frozen(tmp_path, broker_factor
     try:
         wait_for(lambda: stats_gauge(config, "edge_subscribed") and stats_gauge(config, "cloud_connected"),
                  20, message="forwarder connected to both brokers")
-        publisher = Publisher(edge.port, sample_face(10_000))
+        publisher = Publisher(edge.port, sample_face(10_000), device=config.device_id)
         publisher.run(RATE, 1.0)                 # the forwarder is up: straight through
         publisher.wait_acked()
         collector.wait_for_ids(publisher.acked, timeout=30)

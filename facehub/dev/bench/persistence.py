@@ -40,7 +40,6 @@ from facehub.config import BrokerConfig
 from facehub.dev.servers import EDGE_QUEUE_CAP, PERSISTENCE, Mosquitto
 from facehub.runtime import percentiles
 
-TOPIC = "faces/bench"
 CONSUMER_ID = "bench-persistence-consumer"
 LAST_SECONDS = 5       # the disk rate at the end of the outage, where the queue is deepest
 SAVES_LOG = "saves.log"
@@ -94,8 +93,9 @@ def saves(broker: Mosquitto) -> int:
 class Publisher:
     """A QoS 1 publisher that notes which faces the broker acknowledged, and how fast."""
 
-    def __init__(self, port: int, payload: bytes):
+    def __init__(self, port: int, payload: bytes, device: str = "bench"):
         self.payload = payload
+        self.device = device
         self.broker = BrokerConfig(port=port)
         self.client = mqtt.make_client(self.broker, f"bench-persistence-publisher-{port}")
         self.state = mqtt.ConnectionState("bench publisher")
@@ -122,8 +122,8 @@ class Publisher:
             if tick and now >= next_tick:
                 tick()
                 next_tick += 1.0
-            face = messages.Face(self.payload, "bench")
-            info = self.client.publish(TOPIC, self.payload, 1, properties=face.properties())
+            face = messages.Face(self.payload, self.device)
+            info = self.client.publish(f"faces/{self.device}", self.payload, 1, properties=face.properties())
             self.sent[info.mid] = (face.face_id, time.perf_counter())
             self._settle()
 
