@@ -567,8 +567,8 @@ def local_saver(tmp_path, decoders=None, **options) -> saver_module.Saver:
     return saver_module.Saver(config, Runtime("saver-1"), store, decoders=decoders)
 
 
-def received(face: Face, payload: bytes | None = None, qos: int = 1, retain: bool = False) -> saver_module.Received:
-    return saver_module.Received(f"faces/{face.device_id}", face.image if payload is None else payload,
+def received(face: Face, payload: bytes | None = None, qos: int = 1, retain: bool = False) -> saver_module.Inbound:
+    return saver_module.Inbound(f"faces/{face.device_id}", face.image if payload is None else payload,
                                  face.properties(), 1, qos, 1, 0, retain=retain)
 
 

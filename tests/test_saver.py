@@ -457,8 +457,8 @@ class RecordingClient:
         self.acked.append(mid)
 
 
-def received(mid: int, connection: int, qos: int = 1) -> saver.Received:
-    return saver.Received("faces/x", b"", None, mid, qos, connection, 0)
+def received(mid: int, connection: int, qos: int = 1) -> saver.Inbound:
+    return saver.Inbound("faces/x", b"", None, mid, qos, connection, 0)
 
 
 def test_acks_leave_in_arrival_order_and_only_on_their_connection():
@@ -504,7 +504,7 @@ def test_a_hung_storage_call_is_reported_as_stuck(tmp_path, photo):
     worker.stuck_after = 0.3
     face = make_face(photo)
     worker.start_workers()
-    worker.queue.put(saver.Received("faces/cam-1", face.image, face.properties(), 1, 1, 1, 0))
+    worker.queue.put(saver.Inbound("faces/cam-1", face.image, face.properties(), 1, 1, 1, 0))
 
     wait_for(lambda: worker.stuck_for() > 0, 5, message="stuck storage call noticed")
     store.release.set()

@@ -115,7 +115,7 @@ class Stopped(Exception):
 
 
 @dataclass
-class Received:
+class Inbound:
     """One message between arrival and acknowledgement."""
 
     topic: str
@@ -163,18 +163,18 @@ class AckQueue:
     def __init__(self, client):
         self.client = client
         self.connection = 0
-        self._pending: collections.deque[Received] = collections.deque()
+        self._pending: collections.deque[Inbound] = collections.deque()
         self._lock = threading.Lock()
 
     def new_connection(self) -> None:
         with self._lock:
             self.connection += 1
 
-    def add(self, message: Received) -> None:
+    def add(self, message: Inbound) -> None:
         with self._lock:
             self._pending.append(message)
 
-    def done(self, message: Received) -> None:
+    def done(self, message: Inbound) -> None:
         with self._lock:
             message.done = True
             while self._pending and self._pending[0].done:
@@ -254,7 +254,7 @@ class Saver:
         self.runtime = runtime
         self.store = store
         self.acks = acks
-        self.queue: queue.Queue[Received] = queue.Queue()
+        self.queue: queue.Queue[Inbound] = queue.Queue()
         self.queued_bytes = 0
         self._queued_lock = threading.Lock()
         self.decoders = decoders or DecoderPool(self.saver.decoders, self.saver.decode_memory,
@@ -304,7 +304,7 @@ class Saver:
         self.quarantine_drops.flush(force=True)
         self.qos0_drops.flush(force=True)
 
-    def admit(self, message: Received) -> bool:
+    def admit(self, message: Inbound) -> bool:
         """Reserve room in the in-memory queue; False (drop it) for a QoS 0 message when full.
 
         QoS 1/2 messages are always admitted: the broker sends at most
@@ -348,7 +348,7 @@ class Saver:
 
     # -- one message ---------------------------------------------------------
 
-    def handle(self, message: Received) -> None:
+    def handle(self, message: Inbound) -> None:
         """Store the face in ``message``, or quarantine or drop it; raise only :class:`Stopped`."""
         topic = message.topic
         size = message.oversize or len(message.payload)
@@ -392,7 +392,7 @@ class Saver:
             self.runtime.count("duplicates")
             log.info("face %s from %s already stored (redelivery)", face.face_id, face.device_id)
 
-    def _validate(self, message: Received, digest: str):
+    def _validate(self, message: Inbound, digest: str):
         """The face in the message, or :class:`InvalidFace`; decoder crashes count as attempts."""
         face = parse(message.topic, message.payload, message.properties, self.saver.max_bytes,
                      self.config.topic_prefix)
@@ -427,7 +427,7 @@ class Saver:
                     raise InvalidFace(f"crashed or timed out the image decoder {attempts - 1} times "
                                       f"(last: {crash.reason})", keep_payload=False) from None
 
-    def _reject_retained(self, message: Received, digest: str) -> None:
+    def _reject_retained(self, message: Inbound, digest: str) -> None:
         """A retained message on a faces topic: refused, quarantined the first time it is seen."""
         self.runtime.count("retained")
         with self._retained_lock:
@@ -442,7 +442,7 @@ class Saver:
             return
         self._reject(message, "retained message on a faces topic (faces are never published retained)")
 
-    def _reject(self, message: Received, reason: str, keep_payload: bool = True) -> None:
+    def _reject(self, message: Inbound, reason: str, keep_payload: bool = True) -> None:
         """Count a rejected message and keep a copy under the quarantine prefix, within its bounds."""
         self.runtime.count("rejected")
         entry = self.store.quarantine_entry(message.topic, message.payload, reason, message.properties,
@@ -577,7 +577,7 @@ def run(config: Config, runtime: Runtime) -> None:
 
     def on_message(client, userdata, msg):
         try:
-            message = Received(topic=_topic(msg), payload=msg.payload, properties=msg.properties,
+            message = Inbound(topic=_topic(msg), payload=msg.payload, properties=msg.properties,
                                mid=msg.mid, qos=msg.qos, connection=acks.connection,
                                received_ms=int(time.time() * 1000), retain=bool(msg.retain))
             if len(message.payload) > config.saver.max_bytes:  # not kept in memory while it waits its turn

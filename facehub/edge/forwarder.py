@@ -86,7 +86,7 @@ OLDEST_INTERVAL = 0.5        # seconds between looks at the oldest spooled face
 
 
 @dataclass(frozen=True)
-class Received:
+class Unacked:
     """A message taken from the edge broker, not yet acknowledged to it."""
 
     mid: int
@@ -151,7 +151,7 @@ class Forwarder:
         self.spool = spool
         self.window = config.forwarder.inflight
         self.cloud_qos = config.cloud.qos
-        self._incoming: queue.Queue[Received] = queue.Queue(maxsize=INCOMING_QUEUE)
+        self._incoming: queue.Queue[Unacked] = queue.Queue(maxsize=INCOMING_QUEUE)
         self._completions: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._sent: dict[int, int] = {}   # paho mid -> spool id, owned by the main loop
@@ -161,7 +161,7 @@ class Forwarder:
         self._next_expiry = 0.0
         self._next_oldest = 0.0
         self._store_failing_since: float | None = None
-        self._unstored: list[Received] = []   # taken from the queue, spool write failed
+        self._unstored: list[Unacked] = []   # taken from the queue, spool write failed
 
         local_id, cloud_id = client_ids(config)
         self.local = mqtt.make_client(config.local, local_id, manual_ack=True)
@@ -208,7 +208,7 @@ class Forwarder:
         record = Record(topic=message.topic, payload=bytes(message.payload),
                         properties=pack_properties(message.properties), qos=message.qos,
                         received=time.time())
-        item = Received(message.mid, message.qos, record)
+        item = Unacked(message.mid, message.qos, record)
         self.runtime.count("received")
         while not self.runtime.stop.is_set():
             try:
@@ -287,7 +287,7 @@ class Forwarder:
             if len(batch) < STORE_BATCH:
                 return
 
-    def _take_incoming(self) -> list[Received]:
+    def _take_incoming(self) -> list[Unacked]:
         batch, self._unstored = self._unstored, []
         while len(batch) < STORE_BATCH:
             try:
@@ -296,7 +296,7 @@ class Forwarder:
                 break
         return batch
 
-    def _store_failed(self, batch: list[Received], error: Exception) -> None:
+    def _store_failed(self, batch: list[Unacked], error: Exception) -> None:
         """Keep the batch (unacknowledged) for the next round; fatal if the spool stays unwritable.
 
         Raising ends the component; its restart reconnects the persistent
