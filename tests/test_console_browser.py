@@ -90,8 +90,11 @@ def pipeline(tmp_path_factory, request):
                  "FACEHUB_CONSOLE_PASSWORD_HASH": HASHES["viewer"],
                  "FACEHUB_CONSOLE_ADMIN_PASSWORD_HASH": HASHES["admin"]}
     clip = first_frames(Path(SAMPLE_CLIP), 60, work)
+    # a short keepalive, so the broker sends the forwarder's last will soon after the edge dies; no stats
+    # of its own, so the figures the test publishes are the ones shown
     edge_env = {**env, "FACEHUB_DEVICE_ID": EDGE_DEVICE, "FACEHUB_SUPERVISOR_STATE_DIR": str(work / "edge"),
-                "FACEHUB_DETECTOR_SOURCE": str(clip)}
+                "FACEHUB_DETECTOR_SOURCE": str(clip), "FACEHUB_CLOUD_KEEPALIVE": "5",
+                "FACEHUB_FORWARDER_STATS_INTERVAL": "0"}
     procs = [run_role("cloud", cloud_env, work / "cloud.log"), run_role("edge", edge_env, work / "edge.log")]
     publisher = None
     try:
@@ -116,7 +119,7 @@ def pipeline(tmp_path_factory, request):
                            json.dumps({"frames": 60, "faces": len(edge_faces), "spool_depth": 3,
                                        "fps": 14.9}).encode())
         yield {"url": f"http://127.0.0.1:{port}", "faces": faces, "publisher": publisher, "others": others,
-               "edge_faces": edge_faces, "work": work}
+               "edge_faces": edge_faces, "work": work, "edge": procs[1]}
     finally:
         if publisher:
             for device in (EDGE_DEVICE, OTHER_DEVICE):
@@ -285,3 +288,10 @@ def test_fleet_shows_a_device_going_offline(pipeline, browser):
     assert first.get_attribute("data-device") == OTHER_DEVICE  # the quiet device comes first
     assert "offline" in first.find_element(By.CSS_SELECTOR, ".badge").text
     screenshot(driver, "console-fleet", pipeline["work"])
+
+    # The edge box dies (supervisor and forwarder killed): the forwarder's last will marks it offline.
+    status = json.loads((pipeline["work"] / "edge" / "supervisor-edge.json").read_text())
+    forwarder_pid = status["children"]["forwarder"]["pid"]
+    pipeline["edge"].send_signal(signal.SIGKILL)
+    os.kill(forwarder_pid, signal.SIGKILL)
+    until(driver, lambda d: state(EDGE_DEVICE) == "offline", timeout=30, message="the killed edge shown offline")
