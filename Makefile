@@ -12,7 +12,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # (`ip netns` in the chaos test), ca-certificates (pip/uv over HTTPS), git (`git ls-files`
 # in the secrets test), chromium + chromium-driver (the console's browser tests, through Selenium).
 # The deployment tools (podman...) are containers/ci/install-deps.sh's.
-APT_PACKAGES := mosquitto mosquitto-clients python3-venv iproute2 ca-certificates git chromium chromium-driver
+APT_PACKAGES := mosquitto mosquitto-clients python3-venv iproute2 ca-certificates git chromium chromium-driver systemd
 
 .PHONY: demo test test-fast test-containers test-systemd bench lint deploy deploy-edge deploy-cloud deploy-deps \
         install-deps system-deps venv lock clean sample-clip

@@ -165,7 +165,7 @@ say "install done in $(( $(date +%s) - t0 ))s; the root now takes $(df -h --outp
 missing=()
 in_root() { in_chroot sh -c "$1" >/dev/null 2>&1; }
 for tool in make git ip pgrep openssl mosquitto mosquitto_passwd mosquitto_sub mosquitto_pub \
-            podman runc debootstrap; do
+            podman runc debootstrap chromium chromedriver systemd-analyze; do
     in_root "command -v $tool" || missing+=("$tool")
 done
 # podman's pause binary (`podman kube play`): looked for in its helper folders, then on PATH.
@@ -173,7 +173,7 @@ in_root 'for dir in /usr/local/libexec/podman /usr/local/lib/podman /usr/libexec
              [ -x "$dir/catatonit" ] && exit 0
          done
          command -v catatonit' || missing+=("catatonit (podman's pause binary)")
-for module in cv2 paho.mqtt s3fs moto pytest facehub; do
+for module in cv2 paho.mqtt s3fs moto pytest selenium prometheus_client facehub; do
     in_root "$repo/.venv/bin/python -c 'import $module'" || missing+=("$module (.venv)")
 done
 lint_venv=/tmp/lintvenv  # install-deps.sh's default, where tests/test_deploy_lint.py looks
