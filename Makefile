@@ -10,7 +10,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 # is the whole of it (containers/ci/check-install.sh proves it on a bare Debian root):
 # mosquitto + clients (the test brokers, mosquitto_pub), python3-venv (.venv), iproute2
 # (`ip netns` in the chaos test), ca-certificates (pip/uv over HTTPS), git (`git ls-files`
-# in the secrets test), chromium + chromium-driver (the console's browser tests, through Selenium).
+# in the secrets test), chromium + chromium-driver (the console's browser tests, through Selenium),
+# systemd (systemd-analyze verifies the units in containers/systemd).
 # The deployment tools (podman...) are containers/ci/install-deps.sh's.
 APT_PACKAGES := mosquitto mosquitto-clients python3-venv iproute2 ca-certificates git chromium chromium-driver systemd
 
