@@ -145,3 +145,12 @@ def truncated_webp(data: bytes) -> bytes:
     """A WebP cut short with its RIFF size made to agree, so only the image chunk is short."""
     cut = data[: len(data) * 2 // 3]
     return b"RIFF" + (len(cut) - 8).to_bytes(4, "little") + cut[8:]
+
+
+def vm_hwm(pid: int) -> int:
+    """Peak resident memory of a live process, bytes (VmHWM in /proc/<pid>/status)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmHWM for pid {pid}")

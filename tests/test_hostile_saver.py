@@ -24,6 +24,7 @@ import pytest
 from paho.mqtt.properties import Properties
 
 import hostile_images as hi
+from hostile_images import vm_hwm
 from hostile_components import MARK
 from test_saver import Publisher, bad_messages, make_face
 from facehub.cloud import saver as saver_module
@@ -38,15 +39,6 @@ ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 MiB = 1024 * 1024
 RSS_LIMIT = 400 * MiB
-
-
-def vm_hwm(pid: int) -> int:
-    """Peak resident memory of a live process, bytes (VmHWM in /proc/<pid>/status)."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmHWM for pid {pid}")
 
 
 class Cloud:

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import hostile_images as hi
+from hostile_images import vm_hwm
 from facehub.cloud import images
 from facehub.cloud.decoder import DecodeRefused, DecoderCrashed, DecoderPool, DecoderUnavailable
 from facehub.cloud.images import ImageBomb, check_header, read_header
@@ -20,15 +21,6 @@ from facehub.messages import InvalidFace
 
 LIMIT = 4096 * 4096
 MiB = 1024 * 1024
-
-
-def vm_hwm(pid: int) -> int:
-    """Peak resident memory of a process, bytes (VmHWM)."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError(f"no VmHWM for pid {pid}")
 
 
 @pytest.fixture(scope="module")
