@@ -1,6 +1,7 @@
 """Configuration: file + environment overrides, validation errors name the key, secrets masked."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -156,3 +157,56 @@ def test_stream_and_pipeline_labels_hide_passwords():
 
     assert "cam-pass" not in parse_source("rtsp://admin:cam-pass@10.0.0.5/stream").label
     assert "cam-pass" not in parse_source("rtspsrc location=rtsp://admin:cam-pass@h ! decodebin ! appsink").label
+
+
+def test_cloud_password_from_a_file(tmp_path):
+    """One pod template for a fleet: each device reads its own password file, named by its id."""
+    (tmp_path / "cam-07").write_text("  the-cam-07-password\n")
+    env = {"FACEHUB_DEVICE_ID": "cam-07", "FACEHUB_CLOUD_PASSWORD_FILE": str(tmp_path / "cam-07")}
+    config = load(env=env)
+    assert config.cloud.password == "the-cam-07-password"
+    assert config.cloud.password_file == str(tmp_path / "cam-07")
+    assert config.validate().cloud.password == "the-cam-07-password", "validating twice keeps it"
+    shown = json.dumps(config.to_dict(mask_secrets=True))
+    assert "the-cam-07-password" not in shown and config.to_dict()["cloud"]["password"] == MASK
+
+
+def test_config_check_masks_a_password_read_from_a_file(tmp_path):
+    (tmp_path / "password").write_text("file-pass-123\n")
+    env = {"FACEHUB_CLOUD_PASSWORD_FILE": str(tmp_path / "password"), "PATH": "/usr/bin:/bin"}
+    result = subprocess.run([sys.executable, "-m", "facehub.cli", "config", "check"], env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "file-pass-123" not in result.stdout
+    assert json.loads(result.stdout)["cloud"]["password"] == MASK
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "file not found"),
+    ("folder", "cannot read"),
+    ("empty", "is empty"),
+    ("also-password", "not both"),
+])
+def test_cloud_password_file_errors_name_the_key(tmp_path, case, message):
+    path = tmp_path / "password"
+    env = {"FACEHUB_CLOUD_PASSWORD_FILE": str(path)}
+    if case == "folder":
+        path.mkdir()
+    elif case == "empty":
+        path.write_text(" \n")
+    elif case == "also-password":
+        path.write_text("from-the-file\n")
+        env["FACEHUB_CLOUD_PASSWORD"] = "from-the-environment"
+    with pytest.raises(ConfigError) as error:
+        load(env=env)
+    assert "cloud.password_file" in str(error.value) and message in str(error.value)
+    assert "from-the-file" not in str(error.value) and "from-the-environment" not in str(error.value)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+def test_unreadable_cloud_password_file(tmp_path):
+    path = tmp_path / "password"
+    path.write_text("secret-pass\n")
+    path.chmod(0)
+    with pytest.raises(ConfigError, match="cloud.password_file: cannot read"):
+        load(env={"FACEHUB_CLOUD_PASSWORD_FILE": str(path)})

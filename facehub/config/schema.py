@@ -48,6 +48,8 @@ class BrokerConfig:
     port: int = 1883  # broker port (8883 is the usual TLS port)
     username: str = ""  # MQTT user name (cloud broker: the device id; "{client_id}" is replaced by the client id)
     password: str = ""  # MQTT password (secret: set it in the environment)
+    # file holding the MQTT password, read at start (surrounding whitespace stripped); instead of password
+    password_file: str = ""
     tls: bool = False  # connect with TLS
     ca_file: str = ""  # CA certificate that signed the broker's certificate
     cert_file: str = ""  # client certificate, for brokers that require one
@@ -71,6 +73,25 @@ class BrokerConfig:
         for key in ("ca_file", "cert_file", "key_file"):
             path = getattr(self, key)
             _check(not path or Path(path).is_file(), f"{section}.{key}", f"file not found: {path}")
+        if self.password_file:
+            self.read_password_file(section)
+
+    def read_password_file(self, section: str) -> None:
+        """Take ``password`` from ``password_file``: one pod template for many devices names each
+        device's own file (a Secret mounted as files, picked by node name), which a single
+        environment variable cannot."""
+        key = f"{section}.password_file"
+        try:
+            password = Path(self.password_file).read_text().strip()
+        except FileNotFoundError:
+            raise ConfigError(f"{key}: file not found: {self.password_file}") from None
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(f"{key}: cannot read {self.password_file}: {error}") from None
+        _check(bool(password), key, f"{self.password_file} is empty")
+        # A validated configuration already holds the file's password: validating it again is fine.
+        _check(not self.password or self.password == password, key,
+               f"set {section}.password or {section}.password_file, not both")
+        self.password = password
 
 
 @dataclass
