@@ -25,6 +25,7 @@ import render  # noqa: E402
 LINT_BIN = Path(os.environ.get("FACEHUB_LINT_VENV", "/tmp/lintvenv")) / "bin"
 PLAYBOOKS = sorted((ROOT / "ansible").glob("*.yml"))
 MANIFESTS = sorted((ROOT / "containers" / "k8s").glob("*.yaml"))
+FLEET_MANIFESTS = sorted((ROOT / "containers" / "k8s-fleet").glob("*.yaml"))
 DOCKERFILES = sorted(p for p in (ROOT / "containers").rglob("*")
                      if p.is_file() and p.name.split(".")[0] in ("Dockerfile", "Containerfile"))
 # The Kubernetes of the pinned K3s release, and the newest the validator knows.
@@ -72,15 +73,22 @@ def test_committed_manifests_are_the_rendered_templates():
     """containers/k8s/ is the role's templates with its defaults: the two cannot drift."""
     assert [p.name for p in MANIFESTS] == sorted(render.K8S_TEMPLATES)
     for path in MANIFESTS:
-        body = render.render("facehub_edge", path.name).split("\n", 1)[1]
-        assert path.read_text() == render.K8S_HEADER + body, \
+        assert path.read_text() == render.k8s_manifest(path.name), \
+            f"{path.name} is stale: run python containers/ci/render.py --k8s"
+
+
+def test_committed_fleet_manifests_are_the_rendered_templates():
+    """containers/k8s-fleet/ is the same templates with facehub_edge_k3s_layout: daemonset."""
+    assert [p.name for p in FLEET_MANIFESTS] == sorted(render.K8S_FLEET_TEMPLATES)
+    for path in FLEET_MANIFESTS:
+        assert path.read_text() == render.k8s_manifest(path.name, fleet=True), \
             f"{path.name} is stale: run python containers/ci/render.py --k8s"
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_committed_manifests_validate_strictly(version):
     run([tool("kubernetes-validate"), "--strict", "--kubernetes-version", version, "--quiet",
-         *[str(p) for p in MANIFESTS]])
+         *[str(p) for p in MANIFESTS + FLEET_MANIFESTS]])
 
 
 VARIANTS = {
@@ -89,6 +97,8 @@ VARIANTS = {
     "file-source": {"facehub_edge_camera_device": "", "facehub_edge_detector_source": "/srv/clip.mp4",
                     "facehub_edge_host_files": ["/srv/clip.mp4"], "facehub_edge_node_selector": {},
                     "facehub_edge_extra_env": {"FACEHUB_DETECTOR_LOOP": True}},
+    "fleet": {"facehub_edge_k3s_layout": "daemonset",
+              "facehub_edge_fleet_passwords": {"camera-01": "a-device-password", "camera-02": "another-one"}},
 }
 
 
@@ -105,8 +115,11 @@ def test_rendered_variants_validate_strictly(variant, tmp_path):
         path.write_text(render.render("facehub_edge", name, values))
         paths.append(str(path))
     documents = [doc for path in paths for doc in yaml.safe_load_all(Path(path).read_text()) if doc]
-    secret = next(doc for doc in documents if doc["kind"] == "Secret")
+    secret = next(doc for doc in documents if doc["metadata"]["name"] == "facehub-cloud-credentials")
     assert secret["data"]["password"] == "YS1kZXZpY2UtcGFzc3dvcmQ="
+    fleet = next(doc for doc in documents if doc["metadata"]["name"] == "facehub-cloud-passwords")
+    assert fleet["data"] == ({"camera-01": "YS1kZXZpY2UtcGFzc3dvcmQ=", "camera-02": "YW5vdGhlci1vbmU="}
+                             if variant == "fleet" else {})
     run([tool("kubernetes-validate"), "--strict", "--kubernetes-version", K8S_VERSIONS[-1], "--quiet", *paths])
 
 
@@ -125,6 +138,36 @@ def test_edge_pod_is_locked_down():
     assert set(container["resources"]) == {"requests", "limits"}
     assert {"name": "camera", "mountPath": "/dev/video0"} in container["volumeMounts"]
     assert all("value" not in env for env in container["env"]), "secrets come from a Secret, not inline"
+
+
+def test_fleet_pod_is_its_node():
+    """The DaemonSet's pod: device id = node name, its own password file, broker beside it on loopback."""
+    documents = [doc for path in FLEET_MANIFESTS for doc in yaml.safe_load_all(path.read_text()) if doc]
+    daemonset = next(doc for doc in documents if doc["kind"] == "DaemonSet")
+    config = next(doc for doc in documents if doc["metadata"]["name"] == "facehub-edge-config")["data"]
+    broker_conf = next(doc for doc in documents if doc["metadata"]["name"] == "facehub-mosquitto-config")
+    pod = daemonset["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"facehub.io/camera": "true"}
+    facehub, broker = pod["containers"]
+    assert (facehub["name"], broker["name"]) == ("facehub", "mosquitto")
+    env = [(item["name"], item.get("value") or item["valueFrom"]) for item in facehub["env"]]
+    # Kubernetes expands $(VAR) only from variables defined before it: the device id comes first.
+    assert env == [("FACEHUB_DEVICE_ID", {"fieldRef": {"fieldPath": "spec.nodeName"}}),
+                   ("FACEHUB_CLOUD_USERNAME", "$(FACEHUB_DEVICE_ID)"),
+                   ("FACEHUB_CLOUD_PASSWORD_FILE", "/etc/facehub/passwords/$(FACEHUB_DEVICE_ID)")]
+    assert "FACEHUB_DEVICE_ID" not in config and "FACEHUB_CLOUD_USERNAME" not in config
+    assert config["FACEHUB_LOCAL_HOST"] == "127.0.0.1"
+    assert "listener 1883 127.0.0.1\n" in broker_conf["data"]["mosquitto.conf"]
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    assert volumes["cloud-passwords"]["secret"]["secretName"] == "facehub-cloud-passwords"
+    assert volumes["spool"]["hostPath"] == {"path": "/var/lib/facehub/spool", "type": "Directory"}
+    assert volumes["mosquitto-data"]["hostPath"] == {"path": "/var/lib/facehub/mosquitto", "type": "Directory"}
+    assert {"name": "cloud-passwords", "mountPath": "/etc/facehub/passwords", "readOnly": True} \
+        in facehub["volumeMounts"]
+    assert facehub["readinessProbe"]["exec"]["command"] == ["facehub", "health", "--delivery"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert (facehub["securityContext"]["runAsUser"], broker["securityContext"]["runAsUser"]) == (10001, 1883)
+    assert all(c["securityContext"]["readOnlyRootFilesystem"] for c in (facehub, broker))
 
 
 def test_docker_health_checks_report_delivery():

@@ -14,7 +14,8 @@ done
 ansible-lint --profile production --offline
 yamllint --strict .
 for version in 1.33.0 1.37.0; do
-    kubernetes-validate --strict --quiet --kubernetes-version "$version" containers/k8s/*.yaml
+    kubernetes-validate --strict --quiet --kubernetes-version "$version" \
+        containers/k8s/*.yaml containers/k8s-fleet/*.yaml containers/k8s-cloud/*.yaml
 done
 find containers -type f \( -name 'Dockerfile*' -o -name 'Containerfile*' \) -print0 |
     xargs -0 -n1 hadolint --config .hadolint.yaml

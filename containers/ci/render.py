@@ -3,12 +3,13 @@
 
 The tests validate what the templates produce (Kubernetes manifests, mosquitto
 configuration), and ``containers/k8s/`` holds the edge manifests rendered with the
-role defaults so that they can be read, validated and applied as plain YAML. Jinja2
+role defaults so that they can be read, validated and applied as plain YAML;
+``containers/k8s-fleet/`` the same for a fleet on one cluster (the DaemonSet layout). Jinja2
 runs with Ansible's settings (trim_blocks) and the few Ansible filters the templates
 use; the role's own filter plugins are loaded too.
 
     python containers/ci/render.py facehub_edge OUT_DIR [-e key=value ...] [-t TEMPLATE ...]
-    python containers/ci/render.py --k8s     # rewrite containers/k8s/ from the defaults
+    python containers/ci/render.py --k8s     # rewrite containers/k8s/ and k8s-fleet/ from the defaults
 """
 
 from __future__ import annotations
@@ -32,6 +33,14 @@ K8S_TEMPLATES = ("facehub-00-namespace.yaml", "facehub-10-config.yaml",
                  "facehub-20-mosquitto.yaml", "facehub-30-edge.yaml")
 K8S_HEADER = ("# Rendered from roles/facehub_edge/templates with the role defaults by\n"
               "# containers/ci/render.py --k8s; edit the templates, not this file.\n")
+# The fleet's manifests: one DaemonSet for every camera node of a cluster (its passwords'
+# Secret and the CA are made per fleet, like the device's Secret above).
+K8S_FLEET_DIR = ROOT / "containers" / "k8s-fleet"
+K8S_FLEET_TEMPLATES = ("facehub-00-namespace.yaml", "facehub-10-config.yaml", "facehub-30-edge-fleet.yaml")
+K8S_FLEET_VALUES = {"facehub_edge_k3s_layout": "daemonset"}
+K8S_FLEET_HEADER = ("# Rendered from roles/facehub_edge/templates with the role defaults and\n"
+                    "# facehub_edge_k3s_layout: daemonset by containers/ci/render.py --k8s;\n"
+                    "# edit the templates, not this file.\n")
 
 
 def role_defaults(role: str) -> dict[str, Any]:
@@ -95,20 +104,27 @@ def templates(role: str) -> list[str]:
     return sorted(p.name[:-3] for p in (ROLES / role / "templates").glob("*.j2"))
 
 
-def write_k8s(target: Path = K8S_DIR) -> list[Path]:
-    target.mkdir(parents=True, exist_ok=True)
+def k8s_manifest(name: str, fleet: bool = False) -> str:
+    """A committed manifest's text: the rendered template under the header that says so."""
+    overrides = K8S_FLEET_VALUES if fleet else {}
+    body = render("facehub_edge", name, overrides).split("\n", 1)[1]  # drop the template's own header
+    return (K8S_FLEET_HEADER if fleet else K8S_HEADER) + body
+
+
+def write_k8s() -> list[Path]:
     written = []
-    for name in K8S_TEMPLATES:
-        path = target / name
-        body = render("facehub_edge", name).split("\n", 1)[1]  # drop the template's own header
-        path.write_text(K8S_HEADER + body)
-        written.append(path)
+    for target, names, fleet in ((K8S_DIR, K8S_TEMPLATES, False), (K8S_FLEET_DIR, K8S_FLEET_TEMPLATES, True)):
+        target.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            path = target / name
+            path.write_text(k8s_manifest(name, fleet))
+            written.append(path)
     return written
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--k8s", action="store_true", help="rewrite containers/k8s from the defaults")
+    parser.add_argument("--k8s", action="store_true", help="rewrite containers/k8s and k8s-fleet from the defaults")
     parser.add_argument("role", nargs="?")
     parser.add_argument("out_dir", nargs="?", type=Path)
     parser.add_argument("-e", "--extra", action="append", default=[],
