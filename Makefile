@@ -54,7 +54,7 @@ deploy-deps:                      ## Ansible and lint tools (pinned venv), podma
 lint: deploy-deps                 ## playbooks, ansible-lint, yamllint, manifests, Dockerfiles
 	FACEHUB_LINT_VENV=$(LINT_VENV) bash containers/ci/lint.sh
 
-test-containers: deploy-deps      ## build and run the real containers with podman
+test-containers: venv deploy-deps ## build and run the real containers with podman
 	FACEHUB_LINT_VENV=$(LINT_VENV) bash containers/ci/test-containers.sh
 
 test-systemd: deploy-deps         ## the edge play's systemd runtime against systemd booted in podman

@@ -8,12 +8,18 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "containers" / "ci"))
+
+import podman_play  # noqa: E402
+import render  # noqa: E402
+
 LINT_BIN = Path(os.environ.get("FACEHUB_LINT_VENV", "/tmp/lintvenv")) / "bin"
 CAMERAS = [f"camera-{n:02d}" for n in range(1, 41)]
 
@@ -83,3 +89,29 @@ def test_fleet_role_writes_one_secret_on_the_server(tmp_path):
         assert (spool.st_uid, spool.st_mode & 0o777, broker.st_uid, broker.st_mode & 0o777) == (10001, 0o700, 1883, 0o700)
     second = ansible(*play)
     assert all(" changed=0 " in line for line in second.splitlines() if line.startswith("node-")), second[-1500:]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the secret files are given to the pod's fsGroup")
+def test_podman_play_makes_the_pod_one_node_would_run(tmp_path):
+    """test-containers plays the DaemonSet as one node's pod: what the kubelet would resolve, resolved."""
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    for path in (ROOT / "containers" / "k8s-fleet").glob("*.yaml"):
+        (manifests / path.name).write_text(path.read_text())
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    (manifests / "facehub-05-fleet-secret.yaml").write_text(render.render(
+        "facehub_edge", "facehub-05-fleet-secret.yaml",
+        {"facehub_edge_cloud_ca_file": str(ca),
+         "facehub_edge_fleet_passwords": {"camera-01": "password-one", "camera-02": "password-two"}}))
+    podman_play.split(manifests, tmp_path / "play.yaml", tmp_path / "secrets", node="camera-02")
+    pod = next(doc for doc in yaml.safe_load_all((tmp_path / "play.yaml").read_text()) if doc["kind"] == "Pod")
+    assert pod["metadata"]["name"] == "facehub-edge-camera-02" and pod["spec"]["nodeName"] == "camera-02"
+    assert "nodeSelector" not in pod["spec"]
+    env = {item["name"]: item["value"] for item in pod["spec"]["containers"][0]["env"]}
+    assert env == {"FACEHUB_DEVICE_ID": "camera-02", "FACEHUB_CLOUD_USERNAME": "camera-02",
+                   "FACEHUB_CLOUD_PASSWORD_FILE": "/etc/facehub/passwords/camera-02"}
+    folder = next(v["hostPath"]["path"] for v in pod["spec"]["volumes"] if v["name"] == "cloud-passwords")
+    password = Path(folder) / "camera-02"
+    assert password.read_text() == "password-two"
+    assert (password.stat().st_gid, password.stat().st_mode & 0o777) == (10001, 0o440)

@@ -12,21 +12,33 @@
 #      with `podman kube play`: the local broker and the FaceHub edge pod;
 #   5. faces detected at the edge, forwarded over TLS with the device's credentials,
 #      stored by the containerised saver: the run passes when they are on disk;
-#   6. the install on a pristine machine: `.ci/run --install-only` in a chroot of the same
+#   6. the edge fleet: the role's DaemonSet layout (facehub_edge_k3s_layout: daemonset) for
+#      two camera nodes, played as the pod of one of them (podman_play.py --node), which
+#      must take its device id from the node name, read that node's password from the
+#      fleet's Secret and get its faces stored;
+#   7. the cloud savers of containers/k8s-cloud/ (the Deployment, two replicas) against a
+#      TLS broker and moto's S3 made here: faces published to the broker land in the bucket;
+#   8. the install on a pristine machine: `.ci/run --install-only` in a chroot of the same
 #      minbase root gives every tool the tests and this test use (check-install.sh).
 #
 # All state (podman storage, images, the API socket, configs, faces) lives in one
 # temporary folder, removed at the end. Needs root, podman, runc, debootstrap
-# (containers/ci/install-deps.sh) and the lint venv with Ansible ($FACEHUB_LINT_VENV).
+# (containers/ci/install-deps.sh), the lint venv with Ansible ($FACEHUB_LINT_VENV) and the
+# project's venv (.venv: moto's S3 server and the MQTT client that publishes faces in step 7).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/../.." && pwd)
 # shellcheck source=containers/ci/debian-root.sh
 . "$root/containers/ci/debian-root.sh"  # minbase_tarball, shared with check-install.sh
 venv=${FACEHUB_LINT_VENV:-/tmp/lintvenv}
+project_python=${FACEHUB_PYTHON:-$root/.venv/bin/python}
 shared=${FACEHUB_SHARED:-$root/../shared}
 keep=${FACEHUB_KEEP_WORK:-}
 device=ci-edge-1
+# The fleet: its K3s server and the camera node whose pod is played (not the server, so that
+# the password picked is the node's own, not the Secret's first).
+fleet_server=ci-camera-1
+fleet_node=ci-camera-2
 started=$(date +%s)
 passed=0
 
@@ -59,10 +71,12 @@ for tool in podman runc catatonit debootstrap openssl pgrep; do
     command -v "$tool" >/dev/null || fail "$tool is missing: run containers/ci/install-deps.sh"
 done
 [ -x "$venv/bin/ansible-playbook" ] || fail "no Ansible in $venv: run containers/ci/install-deps.sh"
+"$project_python" -c 'import moto.server, boto3, paho' 2>/dev/null || fail "no project venv at $project_python: run make venv"
 
 work=$(mktemp -d /tmp/facehub-containers.XXXXXX)
 chmod 0755 "$work"
 service_pid=""
+moto_pid=""
 stop_leftovers() {  # processes whose command line names this run's folder
     local deadline=$(( $(date +%s) + 20 ))
     while pgrep -f "$work/" >/dev/null && [ "$(date +%s)" -lt "$deadline" ]; do
@@ -83,6 +97,7 @@ cleanup() {
         done
     fi
     [ -n "$service_pid" ] && kill "$service_pid" 2>/dev/null && wait "$service_pid" 2>/dev/null
+    [ -n "$moto_pid" ] && kill "$moto_pid" 2>/dev/null && wait "$moto_pid" 2>/dev/null
     podman pod rm -f -a -t 5 >/dev/null 2>&1
     podman rm -f -a -t 5 >/dev/null 2>&1
     # conmon lingers after `podman exec` (an exit delay) and then runs a cleanup that
@@ -176,6 +191,10 @@ edge_port=$(free_port)
 cloud_metrics_port=$(free_port)
 edge_metrics_port=$(free_port)
 device_password=$(openssl rand -hex 16)
+fleet_server_password=$(openssl rand -hex 16)
+fleet_node_password=$(openssl rand -hex 16)
+fleet_port=$(free_port)
+fleet_metrics_port=$(free_port)
 saver_password=$(openssl rand -hex 16)
 mkdir -p "$work/fetched"  # the faces folder is made by the facehub_cloud role
 podman system service --time=0 "unix://$work/podman.sock" > "$work/podman-service.log" 2>&1 &
@@ -198,8 +217,9 @@ all:
           mosquitto_data_dir: $work/cloud/data
           mosquitto_tls_port: $cloud_port
           mosquitto_bind_address: 127.0.0.1
-          mosquitto_devices: [$device]
-          mosquitto_passwords: {$device: "$device_password"}
+          mosquitto_devices: [$device, $fleet_server, $fleet_node]
+          mosquitto_passwords: {$device: "$device_password", $fleet_server: "$fleet_server_password",
+                                $fleet_node: "$fleet_node_password"}
           mosquitto_saver_password: "$saver_password"
           mosquitto_saver_instances: 2
           mosquitto_ca_fetch_dir: $work/fetched
@@ -335,7 +355,168 @@ check "the stored face is a JPEG" test "$(head -c 3 "$stored" | od -An -tx1 | tr
 check "the saver is still healthy" podman exec facehub-saver facehub health
 say "faces stored: $(find "$work/faces" -name '*.jpg' | wc -l); image build ${build_seconds}s"
 
-# 6. A pristine machine: the same minbase root in a chroot, `.ci/run --install-only` there,
+# 6. The edge fleet on one cluster: the role's DaemonSet layout for two camera nodes (both this
+#    machine), played as the pod of one of them. The first edge pods are done with: stopped, as
+#    their detector would keep a CPU busy.
+for pod in $(podman pod ps --format '{{.Name}}' | grep -E '^facehub-(edge|mosquitto)-pod-[0-9]+$'); do
+    podman pod rm -f -t 5 "$pod" >/dev/null
+done
+t0=$(date +%s)
+cat > "$work/fleet-inventory.yml" <<EOF
+all:
+  vars:
+    ansible_connection: local
+    ansible_python_interpreter: $venv/bin/python
+    ansible_become: false
+  children:
+    edge:
+      vars:
+        facehub_edge_k3s_layout: daemonset
+        facehub_edge_fleet_server: $fleet_server
+        facehub_edge_device_id: "{{ inventory_hostname }}"
+        facehub_edge_fleet_host_dir: $work/fleet-node
+        facehub_edge_manifests_dir: $work/fleet-manifests/{{ inventory_hostname }}
+        facehub_edge_wait: false
+        facehub_edge_image: $image
+        facehub_edge_image_pull_policy: Never
+        facehub_edge_mosquitto_image: localhost/facehub-ci-mosquitto:latest
+        facehub_edge_mqtt_port: $fleet_port
+        facehub_edge_cloud_host: 127.0.0.1
+        facehub_edge_cloud_port: $cloud_port
+        facehub_edge_cloud_ca_file: $work/fetched/ca.crt
+        facehub_edge_camera_device: ""
+        facehub_edge_metrics_port: $fleet_metrics_port
+      hosts:
+        $fleet_server:
+          facehub_edge_cloud_password: "$fleet_server_password"
+        $fleet_node:
+          facehub_edge_cloud_password: "$fleet_node_password"
+EOF
+chmod 0600 "$work/fleet-inventory.yml"
+"$venv/bin/ansible-playbook" -i "$work/fleet-inventory.yml" "$root/ansible/edge.yml" --tags facehub_edge \
+    -e facehub_edge_yunet_fetch=false "${extra_vars[@]}" > "$work/fleet-play.log" 2>&1 ||
+    { tail -40 "$work/fleet-play.log"; fail "the fleet's edge play"; }
+check "the fleet play wrote the DaemonSet and the passwords' Secret on the server only" \
+    test -s "$work/fleet-manifests/$fleet_server/facehub-30-edge-fleet.yaml" \
+    -a -s "$work/fleet-manifests/$fleet_server/facehub-05-fleet-secret.yaml" \
+    -a ! -e "$work/fleet-manifests/$fleet_node"
+# podman 4.3 has no DaemonSet, spec.nodeName or $(VAR) expansion: podman_play.py --node makes
+# the pod the DaemonSet would put on $fleet_node, resolving them as the kubelet would.
+"$venv/bin/python" "$root/containers/ci/podman_play.py" "$work/fleet-manifests/$fleet_server" \
+    "$work/fleet-play.yaml" "$work/fleet-secrets" --node "$fleet_node" | sed 's/^/    /'
+find "$work/fleet-secrets" -maxdepth 1 -type f | while read -r secret; do
+    podman secret create "$(basename "$secret")" "$secret" >/dev/null
+done
+podman kube play --network host "$work/fleet-play.yaml" > "$work/fleet-kube-play.log" 2>&1 ||
+    { cat "$work/fleet-kube-play.log"; fail "podman kube play of the fleet's pod"; }
+say "the fleet's pod on $fleet_node started in $(( $(date +%s) - t0 ))s"
+camera="facehub-edge-$fleet_node-facehub"
+fleet_config=$(podman exec "$camera" facehub config check) || fail "facehub config check in the fleet's pod"
+setting() {  # setting KEY: one value of the pod's effective configuration (facehub config check)
+    "$venv/bin/python" -c "import json, sys; value = json.loads(sys.stdin.read())
+for key in sys.argv[1].split('.'):
+    value = value[key]
+print(value)" "$1" <<<"$fleet_config"
+}
+check "the fleet pod's device id is its node's name ($(setting device_id))" test "$(setting device_id)" = "$fleet_node"
+check "it logs in to the cloud as its node ($(setting cloud.username))" test "$(setting cloud.username)" = "$fleet_node"
+check "its password is read from the file named after its node ($(setting cloud.password_file))" \
+    test "$(setting cloud.password_file)" = "/etc/facehub/passwords/$fleet_node" \
+    -a "$(setting cloud.password)" = "********" \
+    -a -z "$(podman exec "$camera" printenv FACEHUB_CLOUD_PASSWORD)"
+poll "the fleet pod reports healthy" 120 podman healthcheck run "$camera" ||
+    fail "the fleet pod never became healthy: $(podman exec "$camera" facehub health 2>&1)"
+# Only the node's own password opens its account on the cloud broker: a stored face proves it.
+poll "a face of $fleet_node stored by the saver" 180 sh -c "find '$work/faces/$fleet_node' -name '*.jpg' | grep -q ." ||
+    fail "no face of $fleet_node stored after 180s; its pod: $(podman exec "$camera" facehub health --json 2>&1 | tail -c 1500)"
+check "the node's spool is on the node (hostPath $work/fleet-node/spool)" test -s "$work/fleet-node/spool/spool.db"
+say "faces of $fleet_node stored: $(find "$work/faces/$fleet_node" -name '*.jpg' | wc -l)"
+podman pod rm -f -t 5 "facehub-edge-$fleet_node" >/dev/null
+
+# 7. The cloud savers of containers/k8s-cloud/ as written: their Deployment (two replicas, one
+#    saver each, each pod its own client id) played by podman against a broker and an S3 made
+#    here. The broker cluster's place is taken by a mosquitto with TLS (the cloud play's CA and
+#    certificate) and a password for "saver"; S3's by moto's server. The Secret and the CA's
+#    ConfigMap, which the manifest leaves to be made out of band, are made here too.
+t0=$(date +%s)
+s3_port=$(free_port)
+savers_port=$(free_port)
+savers_password=$(openssl rand -hex 16)
+publisher_password=$(openssl rand -hex 16)
+"$project_python" -m moto.server -H 127.0.0.1 -p "$s3_port" > "$work/moto.log" 2>&1 &
+moto_pid=$!
+poll "moto's S3 on 127.0.0.1:$s3_port" 60 "$venv/bin/python" -c "import socket; socket.create_connection(('127.0.0.1', $s3_port), 1)" ||
+    fail "moto's S3 never listened"
+"$project_python" "$root/containers/ci/savers_check.py" bucket "http://127.0.0.1:$s3_port" facehub-faces
+broker_dir=$work/savers-broker
+mkdir -p "$broker_dir"
+cp "$work/cloud/mosquitto/tls/ca.crt" "$work/cloud/mosquitto/tls/server.crt" "$work/cloud/mosquitto/tls/server.key" "$broker_dir/"
+cat > "$broker_dir/mosquitto.conf" <<EOF
+listener $savers_port 127.0.0.1
+cafile /mosquitto/config/ca.crt
+certfile /mosquitto/config/server.crt
+keyfile /mosquitto/config/server.key
+allow_anonymous false
+password_file /mosquitto/config/passwords
+EOF
+touch "$broker_dir/passwords"
+chown -R 1883:1883 "$broker_dir" && chmod 0700 "$broker_dir" && chmod 0600 "$broker_dir"/*
+for account in "saver $savers_password" "publisher $publisher_password"; do
+    # shellcheck disable=SC2086  # user name and password, two words
+    podman run --rm --no-healthcheck -v "$broker_dir:/mosquitto/config" --entrypoint mosquitto_passwd \
+        localhost/facehub-ci-mosquitto:latest -b /mosquitto/config/passwords $account
+done
+podman run -d --name facehub-savers-broker --no-healthcheck --network host -v "$broker_dir:/mosquitto/config:ro" \
+    localhost/facehub-ci-mosquitto:latest >/dev/null
+poll "the savers' broker on 127.0.0.1:$savers_port" 30 \
+    "$venv/bin/python" -c "import socket; socket.create_connection(('127.0.0.1', $savers_port), 1)" ||
+    fail "the savers' broker never listened"
+mkdir -p "$work/cloud-k8s"
+cp "$root"/containers/k8s-cloud/*.yaml "$work/cloud-k8s/"
+ca_json=$("$venv/bin/python" -c 'import json, sys; print(json.dumps(open(sys.argv[1]).read()))' "$work/fetched/ca.crt")
+cat > "$work/cloud-k8s/out-of-band.yaml" <<EOF
+apiVersion: v1
+kind: Secret
+metadata: {name: facehub-saver-secrets, namespace: facehub-cloud}
+stringData: {mqtt-password: "$savers_password", s3-access-key-id: testing, s3-secret-access-key: testing}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: facehub-broker-ca, namespace: facehub-cloud}
+data: {ca.crt: $ca_json}
+EOF
+# The settings that point at the broker cluster, the bucket and the registry point here instead.
+# /metrics is off: the two replicas share the host's network, where one port cannot serve both.
+manifest_image=$(awk '$1 == "image:" {print $2; exit}' "$root/containers/k8s-cloud/facehub-cloud-savers.yaml")
+"$venv/bin/python" "$root/containers/ci/podman_play.py" "$work/cloud-k8s" "$work/savers-play.yaml" \
+    "$work/savers-secrets" --image "$manifest_image=$image" \
+    --set "facehub-saver-config:FACEHUB_CLOUD_HOST=127.0.0.1" \
+    --set "facehub-saver-config:FACEHUB_CLOUD_PORT=$savers_port" \
+    --set "facehub-saver-config:FACEHUB_SAVER_ENDPOINT_URL=http://127.0.0.1:$s3_port" \
+    --set "facehub-saver-config:FACEHUB_SAVER_REGION=us-east-1" \
+    --set "facehub-saver-config:FACEHUB_METRICS_PORT=0" | sed 's/^/    /'
+find "$work/savers-secrets" -maxdepth 1 -type f | while read -r secret; do
+    podman secret create "$(basename "$secret")" "$secret" >/dev/null
+done
+podman kube play --network host "$work/savers-play.yaml" > "$work/savers-kube-play.log" 2>&1 ||
+    { cat "$work/savers-kube-play.log"; fail "podman kube play of the cloud savers"; }
+savers=$(podman ps --format '{{.Names}}' | grep -E '^facehub-saver-pod-[0-9]+-saver$' | sort)
+say "the cloud savers started in $(( $(date +%s) - t0 ))s: $(echo "$savers" | tr '\n' ' ')"
+check "the Deployment's two replicas run" test "$(echo "$savers" | wc -l)" = 2
+for saver in $savers; do
+    poll "$saver is healthy" 120 podman healthcheck run "$saver" ||
+        fail "$saver never became healthy: $(podman logs --tail 20 "$saver" 2>&1)"
+done
+faces_sent=24
+"$project_python" "$root/containers/ci/savers_check.py" publish "$savers_port" "$work/fetched/ca.crt" \
+    publisher <(echo "$publisher_password") ci-k8s-cloud "$faces_sent" || fail "publishing to the savers' broker"
+count_stored() { "$project_python" "$root/containers/ci/savers_check.py" count "http://127.0.0.1:$s3_port" facehub-faces faces/ci-k8s-cloud/; }
+all_stored() { [ "$(count_stored)" -ge "$faces_sent" ]; }
+poll "$faces_sent faces in the bucket" 120 all_stored || true  # the count below says how many
+stored_s3=$(count_stored)
+check "the savers stored each of the $faces_sent faces in S3, once ($stored_s3 objects)" test "$stored_s3" = "$faces_sent"
+
+# 8. A pristine machine: the same minbase root in a chroot, `.ci/run --install-only` there,
 #    then every tool looked for. Its last line says ok or names what is missing. The
 #    containers are done with: stopped first, as the edge detector would keep a CPU busy.
 # (their complaints about systemd health check timers are noise: there is no systemd here)
