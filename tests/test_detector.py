@@ -57,13 +57,16 @@ def start_detector(config: Config, runtime: Runtime) -> threading.Thread:
     return thread
 
 
-@pytest.mark.parametrize(("fps", "background"), [(0.0, False), (30.0, True)], ids=["flat-out", "paced"])
-def test_sample_clip_faces_reach_a_subscriber(broker, tmp_path, fps, background):
-    """Read flat out the full search runs inline; paced like a camera it runs in the background."""
+@pytest.mark.parametrize(("fps", "backend", "background"), [(0.0, "haar", False), (30.0, "haar", False),
+                                                         (30.0, "yunet", True)],
+                         ids=["flat-out", "paced-haar", "paced-yunet"])
+def test_sample_clip_faces_reach_a_subscriber(broker, tmp_path, fps, backend, background):
+    """Read flat out the search runs inline; paced like a camera, YuNet's runs in the background, Haar's inline."""
     subscriber = Subscriber(broker.port)
     try:
         assert subscriber.subscribed.wait(10)
-        config = detector_config(broker.port, fps=fps)
+        model = {"model_path": str(YUNET_MODEL)} if backend == "yunet" else {}
+        config = detector_config(broker.port, fps=fps, backend=backend, **model)
         assert detector.search_in_background(config.detector) is background
         runtime = Runtime("detector", state_dir=tmp_path)
         detector.run(config, runtime)  # a file that is not looped: returns once its faces are sent
@@ -99,16 +102,17 @@ def test_sample_clip_faces_reach_a_subscriber(broker, tmp_path, fps, background)
         assert saved["percentiles"]["search_ms"]["count"] == 120 // 15, "every full search is timed"
 
 
+@pytest.mark.parametrize("search", ["inline", "background"])
 @pytest.mark.parametrize("fps", [30.0, 0.0], ids=["camera-rate", "flat-out"])
-def test_ip_camera_stream_every_frame_processed_or_counted_skipped(broker, tmp_path, fps):
+def test_ip_camera_stream_every_frame_processed_or_counted_skipped(broker, tmp_path, fps, search):
     """A live MJPEG stream: the newest frame is always the one processed, and none goes unaccounted."""
     camera = MjpegCamera(SAMPLE_CLIP, fps=fps)
     subscriber = Subscriber(broker.port)
     runtime = Runtime("detector", state_dir=tmp_path)
     try:
         assert subscriber.subscribed.wait(10)
-        config = detector_config(broker.port, source=camera.url)
-        assert detector.search_in_background(config.detector)
+        config = detector_config(broker.port, source=camera.url, search=search)
+        assert detector.search_in_background(config.detector) is (search == "background")
         thread = start_detector(config, runtime)
         # the stream ends after its 120 frames; the detector notices and fails to reopen it (503)
         wait_for(lambda: runtime.stats["source_errors"] >= 1, 60, message="the stream ended")
@@ -265,10 +269,15 @@ def test_search_mode_follows_the_source():
     config.source = str(SAMPLE_CLIP)
     assert not detector.search_in_background(config), "a file read flat out: inline, reproducible"
     config.fps = 15
-    assert detector.search_in_background(config), "a file paced like a camera"
+    config.backend, config.model_path = "yunet", str(YUNET_MODEL)
+    assert detector.search_in_background(config), "a file paced like a camera, YuNet"
     config.source, config.fps = "0", 0
-    assert detector.search_in_background(config), "a camera"
-    config.search = "inline"
+    assert detector.search_in_background(config), "a camera, YuNet"
+    config.backend = "haar"
+    assert not detector.search_in_background(config), "a camera, Haar: its slow search runs on the newest frame"
+    config.search = "background"
+    assert detector.search_in_background(config), "as configured"
+    config.backend, config.search = "yunet", "inline"
     assert not detector.search_in_background(config)
 
 
@@ -292,8 +301,10 @@ def test_every_detection_is_sent_when_dedup_is_off():
 def test_detect_command_prints_json_lines(shared_faces, tmp_path):
     junk = tmp_path / "junk.jpg"
     junk.write_bytes(b"not an image")
-    files = [str(shared_faces / "2008_001009.jpg"), str(tmp_path / "missing.jpg"), str(junk),
-             str(shared_faces / "dogs.jpg")]
+    no_face = tmp_path / "dogs-right-half.jpg"  # the left half holds a dog's face a cascade may take for a person's
+    dogs = cv2.imread(str(shared_faces / "dogs.jpg"))
+    cv2.imwrite(str(no_face), dogs[:, dogs.shape[1] // 2:])
+    files = [str(shared_faces / "2008_001009.jpg"), str(tmp_path / "missing.jpg"), str(junk), str(no_face)]
     result = subprocess.run([sys.executable, "-m", "facehub.cli", "detect", *files], check=False, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stderr

@@ -103,20 +103,24 @@ class DetectorConfig:
     otherwise; ``facehub config check`` and the detector's first log line say
     which runs and why. Haar (see facehub/edge/detection/haar.py): proposals
     from ``cascade`` at ``scale_factor``/``min_neighbors``, each confirmed by
-    ``verify_cascade`` firing at least ``verify_hits`` times (0 = off).
+    ``verify_cascade`` firing at least ``verify_hits`` times (0 = off), and
+    by a middle with some contrast (``min_contrast``: dark or flat patches
+    fire both cascades once contrast-equalised, a face has features).
     ``min_size`` is in pixels of the detection image (frames are shrunk to
     ``detect_width``, or enlarged by up to ``upscale`` when narrower).
     ``score_threshold`` and ``nms_threshold`` are YuNet's. A new face is sent
-    once seen in ``confirm_frames`` frames (false positives on clutter rarely
-    last). Duplicates: at most one crop per track per ``dedup_interval``
+    once seen in ``confirm_frames`` frames (1: at once; more holds back
+    clutter that flickers, but on a slow CPU the frames it needs are far apart
+    and moving faces are lost before they are confirmed). Duplicates: at most one crop per track per ``dedup_interval``
     seconds (0 = every detection), chosen by ``dedup_policy`` (see
     facehub/edge/detection/tracker.py: "better" sends a later crop only when it
     is clearly larger than those sent, "largest" holds the largest of each
     interval, "first" refreshes once per interval); a track ends when unseen
     for ``track_timeout`` seconds. ``search``: where the full search runs
     ("background" on its own thread while every frame follows the tracked
-    faces, "inline" on the frame itself, "auto" = background for live or paced
-    sources, inline for a file read as fast as possible).
+    faces, "inline" on the frame itself, "auto" = background for YuNet on live
+    or paced sources, inline for Haar and for a file read as fast as possible:
+    see ``search_in_background`` in facehub/edge/detection/finder.py).
     """
 
     # camera index or /dev/videoN, video file, rtsp:// or http:// URL, GStreamer pipeline, or 'sample'
@@ -130,10 +134,12 @@ class DetectorConfig:
     backend: str = "auto"
     cascade: str = "haarcascade_frontalface_default.xml"  # Haar cascade that proposes faces
     verify_cascade: str = "haarcascade_frontalface_alt.xml"  # Haar cascade that must confirm each proposal
-    verify_hits: int = 8  # confirmations a proposal needs (0 = no verification)
+    verify_hits: int = 5  # confirmations a proposal needs (0 = no verification)
+    # Haar: a box whose middle is flatter than this (grey standard deviation, 0-255) is not a face (0 = off)
+    min_contrast: float = 10.0
     model_path: str = ""  # YuNet ONNX model file (empty: /opt/facehub/models/face_detection_yunet_2023mar.onnx)
-    scale_factor: float = 1.1  # Haar image pyramid step
-    min_neighbors: int = 1  # Haar overlapping detections a face needs
+    scale_factor: float = 1.2  # Haar image pyramid step
+    min_neighbors: int = 2  # Haar overlapping detections a face needs
     min_size: int = 20  # smallest face, in pixels of the detection image
     detect_width: int = 640  # frames wider than this are shrunk for detection (0 = full size)
     upscale: float = 1.0  # narrower frames may be enlarged by up to this factor (1 = never)
@@ -147,7 +153,7 @@ class DetectorConfig:
     dedup_policy: str = "better"  # which crops of a face are sent: 'better', 'largest' or 'first'
     track_iou: float = 0.3  # overlap that links a detection to a track
     track_timeout: float = 1.0  # seconds a track lives unseen
-    confirm_frames: int = 3  # a new face is sent once seen in this many frames (1 = at once)
+    confirm_frames: int = 1  # a new face is sent once seen in this many frames (1 = at once)
     queue_size: int = 1000  # faces waiting for the broker; when full the oldest is dropped and counted
     threads: int = 0  # OpenCV threads (0 = one per core, up to 4)
     reopen_min: float = 0.5  # first delay before reopening a failed source, seconds
@@ -176,6 +182,7 @@ class DetectorConfig:
         _check(self.min_neighbors >= 0, f"{section}.min_neighbors", "must be >= 0")
         _check(self.verify_hits >= 0, f"{section}.verify_hits", "must be >= 0 (0 = no verification)")
         _check(self.min_size >= 1, f"{section}.min_size", "must be >= 1")
+        _check(0 <= self.min_contrast < 128, f"{section}.min_contrast", "must be between 0 and 128")
         _check(self.detect_width >= 0, f"{section}.detect_width", "must be >= 0 (0 = full size)")
         _check(self.upscale >= 1, f"{section}.upscale", "must be >= 1 (1 = never enlarge)")
         _check(0 < self.score_threshold < 1, f"{section}.score_threshold", "must be between 0 and 1")

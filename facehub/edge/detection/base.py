@@ -43,6 +43,7 @@ class Backend:
 
     name = "backend"
     follow_face = FOLLOW_FACE
+    follow_iou = FOLLOW_IOU
 
     def __init__(self, detect_width: int = 640, upscale: float = 1.0):
         self.detect_width = detect_width
@@ -109,7 +110,7 @@ class Backend:
             hits = [(x + hx / scale, y + hy / scale, hw / scale, hh / scale, *rest)
                     for hx, hy, hw, hh, *rest in hits]
             best = max(hits, key=lambda hit: iou(hit, last), default=None)
-            if best is not None and iou(best, last) >= FOLLOW_IOU and not any(same_face(best, f) for f in found):
+            if best is not None and iou(best, last) >= self.follow_iou and not any(same_face(best, f) for f in found):
                 found.append(best)  # two tracks converging on one face: the first (older) keeps it
         return self.to_frame(found, factor, frame.shape)
 

@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -94,7 +94,7 @@ class FaceFinder:
         self.trail.add(frame)
         found = self.searcher.take()
         carried = [box for box in self.trail.carry(found) if box is not None] if found is not None else []
-        tracked = self.tracker.boxes()
+        tracked = [snap_to_search(box, carried) for box in self.tracker.boxes()]
         new = [box for box in carried if not any(same_face(box, other) for other in tracked)]
         self._until_detect -= 1
         if self._until_detect <= 0 and self.searcher.submit(frame):
@@ -161,13 +161,24 @@ class BackgroundSearch:
         return found
 
     def wait(self, timeout: float | None = None) -> None:
-        """Block until the running search (if any) has ended: lets a test step frames deterministically."""
+        """Block until the running search (if any) has ended, or ``timeout`` seconds have passed."""
         if self._running is not None:
-            self._running.exception(timeout)
+            wait([self._running], timeout)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._running = None
+
+
+def snap_to_search(tracked: tuple, found: Sequence[tuple]) -> tuple:
+    """A tracked box, or the box a full search just found for the same face: the search has the last word.
+
+    Following only looks near a face's last box and at sizes close to its last
+    size, so a track that started on part of a face (the mouth of a face half
+    out of view) would stay on that part after the whole face came in; and the
+    search's box, nested in it, would count as already tracked and be dropped.
+    """
+    return next((tuple(box[:4]) for box in found if same_face(box, tracked)), tracked)
 
 
 def timed_search(backend, frame: np.ndarray, durations: list[float]) -> list[Detection]:
@@ -187,7 +198,21 @@ def lower_priority() -> None:
 
 
 def search_in_background(cfg: DetectorConfig) -> bool:
-    """``detector.search``: "auto" searches in the background unless frames come from a file read flat out."""
+    """``detector.search``: "auto" searches YuNet's frames in the background, Haar's inline.
+
+    A file read flat out is always searched inline (every run finds the same
+    faces). For a camera, the background only pays when a search ends while
+    the faces it found are still near where it found them: YuNet searches a
+    640x480 frame in a few tens of milliseconds. A Haar search takes several
+    times longer, and on an edge-class core (a quarter of one x86 core) a
+    second or more: by then a panning face has moved hundreds of pixels, the
+    carried boxes are lost, and every frame followed meanwhile takes CPU from
+    the search. Inline, each search works on the newest frame and its faces are
+    cropped from it at once; the camera's frames during the search are
+    skipped. ``facehub bench motion --quarter-core`` measured both.
+    """
     if cfg.search != "auto":
         return cfg.search == "background"
-    return not (parse_source(cfg.source).ends and cfg.fps <= 0)
+    if parse_source(cfg.source).ends and cfg.fps <= 0:
+        return False
+    return cfg.detection()[0] == "yunet"
