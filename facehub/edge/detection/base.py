@@ -110,9 +110,15 @@ class Backend:
             hits = [(x + hx / scale, y + hy / scale, hw / scale, hh / scale, *rest)
                     for hx, hy, hw, hh, *rest in hits]
             best = max(hits, key=lambda hit: iou(hit, last), default=None)
+            if best is not None:
+                best = self.settle(best, last)
             if best is not None and iou(best, last) >= self.follow_iou and not any(same_face(best, f) for f in found):
                 found.append(best)  # two tracks converging on one face: the first (older) keeps it
         return self.to_frame(found, factor, frame.shape)
+
+    def settle(self, found: tuple, last: Sequence[float]) -> tuple:
+        """The box a re-find reports for a face last seen at ``last``; the backend's own box by default."""
+        return found
 
     def to_frame(self, boxes: list[tuple], factor: float, shape: tuple) -> list[Detection]:
         """Boxes measured on an image resized by ``factor`` as detections in a frame of ``shape``, clipped."""

@@ -28,6 +28,7 @@ tuned half and cost no face in either half (``facehub bench quality``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -100,10 +101,24 @@ class HaarBackend(Backend):
         the cascade just once in a window this small, which grouping (even with
         ``min_neighbors = 1``) throws away: then the track is lost at once.
         """
-        boxes = self.cascade.detectMultiScale(window, scaleFactor=FOLLOW_SCALE_FACTOR, minNeighbors=0,
-                                              minSize=(min_size, min_size), maxSize=(max_size, max_size))
+        hits = self.cascade.detectMultiScale(window, scaleFactor=FOLLOW_SCALE_FACTOR, minNeighbors=0,
+                                             minSize=(min_size, min_size), maxSize=(max_size, max_size))
+        # neighbouring hits averaged into one box (a lone hit kept): steadier than any single hit
+        boxes, _ = cv2.groupRectangles([list(map(int, hit)) for hit in hits] * 2, 1, 0.2)
         return [(int(x), int(y), int(w), int(h), None, 0) for x, y, w, h in boxes
                 if contrast(window, (x, y, w, h)) >= self.min_contrast]
+
+    def settle(self, found: tuple, last: Sequence[float]) -> tuple:
+        """Where the re-found face is, at a size between its last and the new hit's (their geometric mean).
+
+        A cascade's hits on one face vary in size by a pyramid step or two from
+        frame to frame; taken as they come, a followed box breathes by a quarter
+        and its crop cuts the face. A face's real size changes slowly.
+        """
+        x, y, w, h = found[:4]
+        size = (w * max(last[2], 1)) ** 0.5
+        cx, cy = x + w / 2, y + h / 2
+        return (cx - size / 2, cy - size / 2, size, size, *found[4:])
 
     def accept(self, image: np.ndarray, boxes: list[tuple]) -> list[tuple]:
         boxes = [box for box in drop_nested(boxes) if contrast(image, box) >= self.min_contrast]
