@@ -108,6 +108,10 @@ class PoisonLedger:
         except (OSError, ValueError):
             return 0
 
+    def holds_records(self) -> bool:
+        """Whether this life has written a record not yet cleared (usually not: a first delivery writes none)."""
+        return bool(self._written)
+
     def clear(self, digest: str) -> None:
         """Remove the message's record, if this life wrote one (otherwise there is nothing to remove)."""
         if not self.enabled or digest not in self._written:

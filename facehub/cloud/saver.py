@@ -79,6 +79,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import queue
 import random
@@ -132,6 +133,12 @@ class Inbound:
     dup: bool = False  # the broker delivered it before (MQTT sets DUP on every redelivery)
     oversize: int = 0  # size of a payload over max_bytes, dropped on arrival (the payload is then b"")
     arrived: float = field(default_factory=time.monotonic)
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """The message's sha256 (:func:`message_digest`), computed only when needed: a redelivery, a
+        retained message, a decoder crash. A face seen once never needs it."""
+        return message_digest(self.topic, self.payload, self.properties)
 
 
 def check_image(content_type: str, data: bytes, max_pixels: int, decoders: DecoderPool) -> ImageInfo:
@@ -362,12 +369,11 @@ class Saver:
             self.runtime.count("rejected")
             self.runtime.count("oversize")
             return
-        digest = message_digest(topic, message.payload, message.properties)
         if message.retain:
-            self._reject_retained(message, digest)
+            self._reject_retained(message)
             return
         try:
-            face = self._checked(message, digest)
+            face = self._checked(message)
         except InvalidFace as error:
             if isinstance(error, ImageBomb):
                 self.runtime.count("bombs")
@@ -388,29 +394,33 @@ class Saver:
             self.runtime.count("duplicates")
             log.info("face %s from %s already stored (redelivery)", face.face_id, face.device_id)
 
-    def _checked(self, message: Inbound, digest: str):
+    def _checked(self, message: Inbound):
         """The validated face, its attempt recorded around the risky step; raise :class:`InvalidFace`.
 
         A redelivered message goes through its risky step alone (:class:`SoloGate`): if the saver
         dies then, the crash is charged to that message only, not to the faces beside it.
         """
         with self.gate.solo() if message.dup else self.gate.shared():
-            attempts = self._first_attempt(message, digest)
+            attempts = self._first_attempt(message)
             try:
                 if attempts > self.max_attempts:
                     self.runtime.count("poison")
                     raise InvalidFace(f"a saver or its decoder crashed or timed out on this message "
                                       f"{attempts - 1} times; not tried again", keep_payload=False)
-                face = self._validate(message, digest, attempts)
+                face = self._validate(message, attempts)
             except Stopped:
                 raise  # not an attempt that ended: the record stays for the next life
             except Exception:
-                self.ledger.clear(digest)
+                self._clear_record(message)
                 raise
-            self.ledger.clear(digest)
+            self._clear_record(message)
             return face
 
-    def _first_attempt(self, message: Inbound, digest: str) -> int:
+    def _clear_record(self, message: Inbound) -> None:
+        if self.ledger.holds_records():  # usually none: then the digest is not even computed
+            self.ledger.clear(message.digest)
+
+    def _first_attempt(self, message: Inbound) -> int:
         """Which attempt at ``message`` this is, recorded on disk (cleared once validated) if it is a redelivery.
 
         A first delivery writes no record: if it kills the saver, the broker redelivers it, marked DUP,
@@ -420,9 +430,9 @@ class Saver:
         """
         if not message.dup:
             return 1
-        return self.ledger.attempt(digest, floor=1)
+        return self.ledger.attempt(message.digest, floor=1)
 
-    def _validate(self, message: Inbound, digest: str, attempts: int = 1):
+    def _validate(self, message: Inbound, attempts: int = 1):
         """The face in the message, or :class:`InvalidFace`; decoder crashes count as attempts."""
         face = parse(message.topic, message.payload, message.properties, self.saver.max_bytes,
                      self.config.topic_prefix)
@@ -449,7 +459,7 @@ class Saver:
                 if self.stopping.is_set():
                     raise Stopped() from None  # shutting down, not a crash
                 self.runtime.count("decoder_crashes")
-                attempts = self.ledger.attempt(digest, floor=attempts)
+                attempts = self.ledger.attempt(message.digest, floor=attempts)
                 log.warning("decoding a message on %r failed: %s (attempt %d of %d)", message.topic[:128],
                             crash.reason, attempts - 1, self.max_attempts)
                 if attempts > self.max_attempts:
@@ -457,9 +467,10 @@ class Saver:
                     raise InvalidFace(f"crashed or timed out the image decoder {attempts - 1} times "
                                       f"(last: {crash.reason})", keep_payload=False) from None
 
-    def _reject_retained(self, message: Inbound, digest: str) -> None:
+    def _reject_retained(self, message: Inbound) -> None:
         """A retained message on a faces topic: refused, quarantined the first time it is seen."""
         self.runtime.count("retained")
+        digest = message.digest
         with self._retained_lock:
             seen = digest in self._retained
             self._retained[digest] = None
