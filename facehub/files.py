@@ -21,11 +21,18 @@ from pathlib import Path
 _NO_DIR_FSYNC = (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.ENOSYS)
 
 
-def write_atomic(path: str | os.PathLike, data: bytes, durable: bool = False) -> None:
-    """Replace ``path`` with ``data``: absent or complete, never half-written."""
+def write_atomic(path: str | os.PathLike, data: bytes, durable: bool = False, sync_folder: bool = True) -> None:
+    """Replace ``path`` with ``data``: absent or complete, never half-written.
+
+    ``sync_folder=False`` (with ``durable``) leaves the folder's fsync to the caller, who makes
+    several renames in one folder durable with one :func:`fsync_folder` after the last.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except FileNotFoundError:  # a new folder (a new device or day): made on first use only
+        make_folders(path.parent, durable)
+        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(handle, "wb") as out:
             out.write(data)
@@ -37,8 +44,23 @@ def write_atomic(path: str | os.PathLike, data: bytes, durable: bool = False) ->
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    if durable:
+    if durable and sync_folder:
         fsync_folder(path.parent)
+
+
+def make_folders(folder: Path, durable: bool = False) -> None:
+    """Make ``folder`` and its missing parents (0700); ``durable``: each new entry fsynced in its parent."""
+    missing = []
+    while not folder.exists() and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    for new in reversed(missing):
+        try:
+            new.mkdir(mode=0o700)
+        except FileExistsError:  # another writer made it meanwhile
+            pass
+        if durable:
+            fsync_folder(new.parent)
 
 
 def fsync_folder(folder: Path) -> None:

@@ -29,6 +29,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from facehub import mqtt_publish
 from facehub.backoff import Backoff
 from facehub.config import BrokerConfig
 
@@ -48,6 +49,7 @@ def make_client(broker: BrokerConfig, client_id: str, manual_ack: bool = False) 
     (``client.ack(mid, qos)``) once the message is safe downstream.
     """
     client_id = broker.client_id or client_id
+    mqtt_publish.install()  # received PUBLISH packets read in a fraction of paho's time, with its result
     client = paho.Client(
         callback_api_version=CallbackAPIVersion.VERSION2,
         client_id=client_id,

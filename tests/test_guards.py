@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
-from facehub.cloud.guards import DropLog, PoisonLedger, QuarantineQuota, message_digest
+from facehub.cloud.guards import DropLog, PoisonLedger, QuarantineQuota, SoloGate, message_digest
+from facehub.dev.servers import wait_for
 
 DAY = 86400.0
 
@@ -84,6 +87,55 @@ def test_attempts_are_counted_on_disk_and_cleared(tmp_path):
     assert ledger.attempts(digest) == 0 and not list((tmp_path / "attempts").iterdir())
     assert message_digest("faces/cam-1", b"payload", None) == digest
     assert message_digest("faces/cam-2", b"payload", None) != digest
+
+
+def test_a_floor_counts_attempts_that_left_no_record(tmp_path):
+    digest = message_digest("faces/cam-1", b"payload", None)
+    ledger = PoisonLedger(tmp_path / "attempts")
+    assert ledger.attempt(digest, floor=1) == 2  # a redelivery: its first delivery wrote nothing
+    assert ledger.attempt(digest, floor=1) == 3  # the record counts more than the floor
+    assert ledger.attempt(digest, floor=5) == 6
+    other = PoisonLedger(tmp_path / "attempts")
+    other.clear(digest)  # another life's record is left to the life that wrote it
+    assert ledger.attempts(digest) == 6
+
+
+def test_a_suspect_goes_through_the_gate_alone(tmp_path):
+    gate = SoloGate()
+    events: list[str] = []
+    shared_in, release = threading.Event(), threading.Event()
+
+    def first_delivery():
+        with gate.shared():
+            events.append("shared in")
+            shared_in.set()
+            release.wait(10)
+            events.append("shared out")
+
+    def suspect():
+        with gate.solo():
+            events.append("solo in")
+            time.sleep(0.05)
+            events.append("solo out")
+
+    def late_first_delivery():
+        with gate.shared():
+            events.append("late in")
+
+    threads = [threading.Thread(target=first_delivery)]
+    threads[0].start()
+    assert shared_in.wait(10)
+    threads.append(threading.Thread(target=suspect))
+    threads[1].start()
+    wait_for(lambda: gate._waiting == 1, 10, message="the suspect waiting")
+    threads.append(threading.Thread(target=late_first_delivery))
+    threads[2].start()
+    time.sleep(0.05)
+    assert events == ["shared in"]  # the suspect waits for the one inside; the late one waits behind it
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert events == ["shared in", "shared out", "solo in", "solo out", "late in"]
 
 
 def test_an_unwritable_ledger_turns_itself_off(tmp_path, caplog):

@@ -482,7 +482,9 @@ def with_comment(jpeg: bytes, text: bytes) -> bytes:
 def test_a_message_that_kills_the_saver_is_quarantined_after_max_attempts(broker, publisher, photo, clouds,
                                                                           tmp_path):
     """Each life of the saver is killed (SIGKILL) by the marked message; the broker redelivers it to
-    the next life from the persistent session, and the attempt records stop the loop after three."""
+    the next life from the persistent session, and the attempt records stop the loop after three.
+    The faces published right behind it, checked beside it or queued when it struck, are all stored:
+    none of them is taken for the poison."""
     store = tmp_path / "faces"
     cloud = Cloud(tmp_path, broker, str(store), children=["saver-1=hostile_components:killed_by_mark"],
                   env={"FACEHUB_SAVER_MAX_ATTEMPTS": "3", "FACEHUB_SUPERVISOR_MAX_RESTARTS": "5"})
@@ -490,19 +492,24 @@ def test_a_message_that_kills_the_saver_is_quarantined_after_max_attempts(broker
     cloud.wait_ready()
     poison = make_face(photo, 1)
     publisher.send(f"faces/{poison.device_id}", with_comment(poison.image, MARK), poison.properties())
+    behind = [make_face(photo, number) for number in range(10, 20)]
+    for face in behind:
+        publisher.face(face)
 
     wait_for(lambda: cloud.restarts().get("saver-1") == 3, 120, interval=0.1, message="three lives killed")
     cloud.wait_ready()
     counters = cloud.wait_counters(lambda c: c["poison"] == 1 and c["quarantined"] == 1, 60,
                                    "the message quarantined by the fourth life")
+    wait_for(lambda: face_files(store) == {face_key(f) for f in behind}, 30,
+             message="every face behind the poison stored")
     valid = make_face(photo, 2)
     publisher.face(valid)
-    cloud.wait_counters(lambda c: c["stored"] == 1, 30, "a valid face stored afterwards")
+    wait_for(lambda: face_key(valid) in face_files(store), 30, message="a valid face stored afterwards")
 
     (record,) = [json.loads(p.read_text()) for p in quarantine_files(store, ".json")]
     assert "crashed or timed out on this message 3 times" in record["reason"]
     assert record["payload"]["kept"] is False and not quarantine_files(store, ".bin")
-    assert face_files(store) == {face_key(valid)}
+    assert face_files(store) == {face_key(f) for f in behind + [valid]}
     assert cloud.restarts() == {"saver-1": 3} and cloud.children()["saver-1"]["state"] == "RUNNING"
     assert not list((cloud.state_dir / "saver-attempts").iterdir())  # no record left behind
     assert counters["rejected"] == 1
@@ -559,9 +566,10 @@ def local_saver(tmp_path, decoders=None, **options) -> saver_module.Saver:
     return saver_module.Saver(config, Runtime("saver-1"), store, decoders=decoders)
 
 
-def received(face: Face, payload: bytes | None = None, qos: int = 1, retain: bool = False) -> saver_module.Inbound:
+def received(face: Face, payload: bytes | None = None, qos: int = 1, retain: bool = False,
+             dup: bool = False) -> saver_module.Inbound:
     return saver_module.Inbound(f"faces/{face.device_id}", face.image if payload is None else payload,
-                                 face.properties(), 1, qos, 1, 0, retain=retain)
+                                 face.properties(), 1, qos, 1, 0, retain=retain, dup=dup)
 
 
 def test_a_message_that_keeps_crashing_the_decoder_is_quarantined_without_its_payload(tmp_path, photo):
@@ -594,8 +602,31 @@ def test_attempts_survive_the_saver(tmp_path, photo):
     digest = saver_module.message_digest(f"faces/{face.device_id}", face.image, face.properties())
     worker.ledger.attempt(digest)
     worker.ledger.attempt(digest)
-    worker.handle(received(face))
+    worker.handle(received(face, dup=True))  # the broker redelivers it to the next life, marked DUP
     assert decoders.calls == 1 and worker.runtime.stats["poison"] == 1
+
+
+def test_a_redelivery_counts_its_first_delivery(tmp_path, photo):
+    """A first delivery leaves no record; if it killed the saver, its redelivery (DUP) counts it."""
+    decoders = CrashingDecoders()
+    worker = local_saver(tmp_path, decoders, max_attempts=2)
+    face = make_face(photo)
+    worker.handle(received(face, dup=True))  # attempt 2 of 2 (the first delivery died with the saver)
+    assert decoders.calls == 1 and worker.runtime.stats["poison"] == 1
+    assert not list((tmp_path / "state" / "saver-attempts").iterdir())
+
+
+def test_faces_checked_once_leave_no_record_and_redeliveries_clear_theirs(tmp_path, photo):
+    worker = local_saver(tmp_path, StartingDecoders(failures=0))
+    attempts = tmp_path / "state" / "saver-attempts"
+    first, again = make_face(photo, 1), make_face(photo, 2)
+    digest = saver_module.message_digest(f"faces/{again.device_id}", again.image, again.properties())
+    worker.ledger.attempt(digest)  # a life died while checking it once
+    worker.handle(received(first))
+    worker.handle(received(again, dup=True))
+    assert worker.runtime.stats["stored"] == 2 and worker.runtime.stats["poison"] == 0
+    assert face_files(tmp_path / "faces") == {face_key(first), face_key(again)}
+    assert not list(attempts.iterdir())
 
 
 def test_retained_messages_are_quarantined_once(tmp_path, photo):

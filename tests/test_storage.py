@@ -67,6 +67,21 @@ def test_folder_store_writes_face_and_sidecar_once(tmp_path, jpeg):
     assert files == ["cam-1/2024/03/05/010203.004-f00d.jpg", "cam-1/2024/03/05/010203.004-f00d.json"]
 
 
+def test_a_face_whose_sidecar_was_lost_is_written_again(tmp_path, jpeg):
+    """Power lost after the image's rename reached the disk but not the sidecar's (one folder fsync
+    covers both, before the acknowledgement): the redelivered face is stored again, sidecar and all."""
+    store = open_store(SaverConfig(url=str(tmp_path / "out")))
+    face = make_face(jpeg)
+    assert store.put_face(face) is True
+    image = tmp_path / "out" / face_key(face)
+    image.with_suffix(".json").unlink()
+    assert store.put_face(face) is True
+    assert json.loads(image.with_suffix(".json").read_text())["face-id"] == face.face_id
+    assert image.read_bytes() == jpeg
+    assert store.put_face(face) is False
+    assert all((p.stat().st_mode & 0o777) == 0o700 for p in (tmp_path / "out").rglob("*") if p.is_dir())
+
+
 def test_file_url_names_a_folder(tmp_path, jpeg):
     store = open_store(SaverConfig(url=f"file://{tmp_path}/mnt"))
     assert isinstance(store, FolderStore)

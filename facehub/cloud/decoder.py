@@ -161,44 +161,43 @@ class Decoder:
         self.kill()
 
     def _write(self, data: bytes, deadline: float) -> None:
+        """Write the request; the pipe usually takes it at once, so ``select`` only when it is full."""
         fd = self.proc.stdin.fileno()
         view = memoryview(data)
         while view:
+            try:
+                view = view[os.write(fd, view):]
+                continue
+            except BlockingIOError:
+                pass
+            except (BrokenPipeError, OSError):
+                raise DecoderCrashed(self._death("while reading the image")) from None
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DecoderCrashed("decoder did not take the image in time")
-            _, writable, _ = select.select([], [fd], [], remaining)
-            if not writable:
-                continue
-            try:
-                view = view[os.write(fd, view):]
-            except BlockingIOError:
-                continue
-            except (BrokenPipeError, OSError):
-                raise DecoderCrashed(self._death("while reading the image")) from None
+            select.select([], [fd], [], remaining)
 
-    def _read_exact(self, size: int, deadline: float, what: str) -> bytes:
+    def _read(self, deadline: float, what: str) -> dict:
+        """One framed reply; the worker writes it in one piece, so it usually takes one read."""
         fd = self.proc.stdout.fileno()
-        chunks, missing = [], size
-        while missing:
+        buffer = b""
+        while True:
+            if len(buffer) >= REPLY.size:
+                (size,) = REPLY.unpack_from(buffer)
+                if size > MAX_REPLY:
+                    raise DecoderCrashed(f"decoder sent a {size}-byte {what}")
+                if len(buffer) >= REPLY.size + size:
+                    return json.loads(buffer[REPLY.size:REPLY.size + size])
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise DecoderCrashed(f"decoder gave no {what} within its time limit")
             readable, _, _ = select.select([fd], [], [], remaining)
             if not readable:
                 continue
-            chunk = os.read(fd, missing)
+            chunk = os.read(fd, MAX_REPLY + REPLY.size)
             if not chunk:
                 raise DecoderCrashed(self._death(f"before its {what}"))
-            chunks.append(chunk)
-            missing -= len(chunk)
-        return b"".join(chunks)
-
-    def _read(self, deadline: float, what: str) -> dict:
-        (size,) = REPLY.unpack(self._read_exact(REPLY.size, deadline, what))
-        if size > MAX_REPLY:
-            raise DecoderCrashed(f"decoder sent a {size}-byte {what}")
-        return json.loads(self._read_exact(size, deadline, what))
+            buffer += chunk
 
     def _death(self, when: str) -> str:
         try:
@@ -325,8 +324,6 @@ def worker_main(memory: int) -> int:
         data = _read_exact(proto_in, size)
         if data is None or kind not in flags:
             return 1
-        os.ftruncate(capture.fileno(), 0)
-        os.lseek(capture.fileno(), 0, os.SEEK_SET)
         reply: dict = {"ok": False}
         try:
             image = cv2.imdecode(np.frombuffer(data, np.uint8), flags[kind])
@@ -340,13 +337,27 @@ def worker_main(memory: int) -> int:
         except cv2.error as error:
             reply["reason"] = "decoder error: " + (str(error).strip().splitlines() or [""])[-1][:200]
         del data
-        os.lseek(capture.fileno(), 0, os.SEEK_SET)
-        output = os.read(capture.fileno(), 4096).decode("utf-8", "replace").strip()
+        output = _captured(capture.fileno())
         if output:
             reply["ok"] = False
             reply["reason"] = (reply.get("reason", "decodes") + " with a warning: "
                                + output.splitlines()[0][:200])
         _reply(proto_out, reply)
+
+
+def _captured(fd: int) -> str:
+    """What libraries printed during the last decode, and the capture file emptied for the next.
+
+    stdout and stderr share the capture file's offset, so an offset of 0 means nothing was printed
+    and the usual decode costs one ``lseek`` here rather than a read, a seek and a truncate.
+    """
+    if os.lseek(fd, 0, os.SEEK_CUR) == 0:
+        return ""
+    os.lseek(fd, 0, os.SEEK_SET)
+    output = os.read(fd, 4096).decode("utf-8", "replace").strip()
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return output
 
 
 def _vm_size() -> int:

@@ -4,8 +4,12 @@
   disk, so that a message that kills the saver is recognised by the next life
   of the saver when the broker redelivers it (a persistent session redelivers
   the unacknowledged message first, forever). A record is written before the
-  risky step and removed after it, so a record that survives says "the saver
-  died or gave up while handling this".
+  risky step of a message that has been delivered before (or has already
+  crashed a decoder) and removed after it, so a record that survives says "the
+  saver died or gave up while handling this". A first delivery writes nothing:
+  its redelivery counts it (see :meth:`PoisonLedger.attempt`'s ``floor``).
+- :class:`SoloGate`: a redelivered message is checked alone, so a crash is
+  charged to the message that caused it, not to the faces checked beside it.
 - :class:`QuarantineQuota`: how much of the quarantine one device may fill per
   UTC day (messages and bytes), how fast (a token bucket), and how much all
   devices together may fill; beyond it copies are dropped and counted.
@@ -21,10 +25,11 @@ import os
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -54,35 +59,43 @@ class PoisonLedger:
 
     Shared by every saver of the same state folder. A process crash loses no
     record (the page cache survives it); a power cut may, which only costs one
-    more attempt. If the folder cannot be written the ledger logs once and
+    more attempt. Records are only written for redeliveries and after a decoder
+    crash: writing, renaming and removing a file for every face cost a sixth of a
+    saver's CPU, and a first delivery that kills the saver is counted by its
+    redelivery (MQTT requires the broker to mark it DUP) all the same. If the folder cannot be written the ledger logs once and
     turns itself off: it must never be what stops faces from being stored.
     """
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
         self.enabled = True
+        self._written: set[str] = set()  # digests this life has a record for; set.add/discard are atomic
         try:
             self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._expire()
         except OSError as error:
             self._disable(error)
 
-    def attempt(self, digest: str) -> int:
-        """Record one more attempt at the message; return how many there have been, this one included."""
+    def attempt(self, digest: str, floor: int = 0) -> int:
+        """Record one more attempt at the message; return how many there have been, this one included.
+
+        ``floor``: attempts the caller knows of even without a record (a redelivered message's first
+        delivery, which wrote none; a decoder crash of this life). The record says at least that many
+        came before this one.
+        """
         if not self.enabled:
-            return 1
+            return floor + 1
         path = self.folder / digest
         try:
             previous = int(path.read_text() or 0)
-        except FileNotFoundError:
-            previous = 0
         except (OSError, ValueError):
             previous = 0
-        attempts = previous + 1
+        attempts = max(previous, floor) + 1
         try:
             tmp = path.with_name(f".{digest}.{os.getpid()}.{threading.get_ident()}")
             tmp.write_text(str(attempts))
             os.replace(tmp, path)
+            self._written.add(digest)
         except OSError as error:
             self._disable(error)
         return attempts
@@ -95,9 +108,15 @@ class PoisonLedger:
         except (OSError, ValueError):
             return 0
 
+    def holds_records(self) -> bool:
+        """Whether this life has written a record not yet cleared (usually not: a first delivery writes none)."""
+        return bool(self._written)
+
     def clear(self, digest: str) -> None:
-        if not self.enabled:
+        """Remove the message's record, if this life wrote one (otherwise there is nothing to remove)."""
+        if not self.enabled or digest not in self._written:
             return
+        self._written.discard(digest)
         try:
             (self.folder / digest).unlink(missing_ok=True)
         except OSError as error:
@@ -117,6 +136,53 @@ class PoisonLedger:
             log.error("cannot keep attempt records in %s (%s); messages that crash the saver will not be "
                       "recognised", self.folder, error)
         self.enabled = False
+
+
+class SoloGate:
+    """Lets many messages through their risky step together, or one suspect message alone.
+
+    When the saver dies, every message in its risky step at that moment looks
+    guilty to the attempt records: the one that killed it and the innocent ones
+    checked beside it. A redelivered message (a suspect) therefore waits until no
+    other message is in its risky step and keeps the others out meanwhile, so a
+    crash it causes is charged to it alone. Redeliveries are rare (a reconnect, a
+    restart), so first deliveries, the common case, share the gate.
+    """
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._shared = 0  # messages in their risky step together
+        self._solo = False  # a suspect is in its risky step
+        self._waiting = 0  # suspects waiting for the others to leave
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._solo or self._waiting:
+                self._cond.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                if not self._shared and self._waiting:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def solo(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting += 1
+            while self._solo or self._shared:
+                self._cond.wait()
+            self._waiting -= 1
+            self._solo = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._solo = False
+                self._cond.notify_all()
 
 
 @dataclass

@@ -41,9 +41,10 @@ Defences against a compromised or broken device (docs/security.md):
   declared size over ``max_pixels`` is refused (``bombs``) before any decoder
   sees it; then the image must decode cleanly, without even a warning, in a
   separate memory-capped decoder process (``facehub.cloud.decoder``).
-- **A poison message never loops**: each message's attempts are recorded in
-  the state folder before the risky steps (validation and decoding) and cleared
-  after; a message that has crashed or timed out the saver or its decoder
+- **A poison message never loops**: a redelivered message's attempts (its
+  first delivery included) are recorded in the state folder before the risky
+  steps (validation and decoding) and cleared after, and so are a decoder
+  crash's; a message that has crashed or timed out the saver or its decoder
   ``max_attempts`` times is quarantined without its payload (``poison``) and
   acknowledged, in this life of the saver or the next.
 - **Retained messages are refused** (``retained``): the subscription asks for
@@ -78,6 +79,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import queue
 import random
@@ -96,7 +98,8 @@ from facehub.config import Config
 from facehub.messages import InvalidFace, parse
 from facehub.runtime import Runtime
 from facehub.cloud.decoder import DecoderCrashed, DecoderPool, DecodeRefused, DecoderUnavailable
-from facehub.cloud.guards import DropLog, FailureClock, PoisonLedger, QuarantineQuota, message_digest
+from facehub.cloud.guards import (DropLog, FailureClock, PoisonLedger, QuarantineQuota, SoloGate,
+                                  message_digest)
 from facehub.cloud.images import ImageBomb, ImageInfo, check_header
 from facehub.cloud.storage import Store, open_store
 
@@ -127,8 +130,15 @@ class Inbound:
     received_ms: int
     done: bool = False
     retain: bool = False
+    dup: bool = False  # the broker delivered it before (MQTT sets DUP on every redelivery)
     oversize: int = 0  # size of a payload over max_bytes, dropped on arrival (the payload is then b"")
     arrived: float = field(default_factory=time.monotonic)
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """The message's sha256 (:func:`message_digest`), computed only when needed: a redelivery, a
+        retained message, a decoder crash. A face seen once never needs it."""
+        return message_digest(self.topic, self.payload, self.properties)
 
 
 def check_image(content_type: str, data: bytes, max_pixels: int, decoders: DecoderPool) -> ImageInfo:
@@ -260,6 +270,7 @@ class Saver:
         self.decoders = decoders or DecoderPool(self.saver.decoders, self.saver.decode_memory,
                                                 self.saver.decode_timeout)
         self.ledger = PoisonLedger(Path(config.supervisor.state_dir) / "saver-attempts")
+        self.gate = SoloGate()
         self.max_attempts = self.saver.max_attempts
         restarts = config.supervisor.max_restarts
         if restarts and self.max_attempts > restarts:
@@ -358,19 +369,12 @@ class Saver:
             self.runtime.count("rejected")
             self.runtime.count("oversize")
             return
-        digest = message_digest(topic, message.payload, message.properties)
         if message.retain:
-            self._reject_retained(message, digest)
+            self._reject_retained(message)
             return
-        attempts = self.ledger.attempt(digest)  # cleared once validated: a record that survives is a crash
         try:
-            if attempts > self.max_attempts:
-                self.runtime.count("poison")
-                raise InvalidFace(f"a saver or its decoder crashed or timed out on this message "
-                                  f"{attempts - 1} times; not tried again", keep_payload=False)
-            face = self._validate(message, digest)
+            face = self._checked(message)
         except InvalidFace as error:
-            self.ledger.clear(digest)
             if isinstance(error, ImageBomb):
                 self.runtime.count("bombs")
             self._reject(message, error.reason, keep_payload=error.keep_payload)
@@ -378,12 +382,10 @@ class Saver:
         except Stopped:
             raise
         except Exception as error:  # a bug in validation must not crash-loop on one message
-            self.ledger.clear(digest)
             log.exception("unexpected error validating message on %r", topic[:128])
             self._reject(message, f"unexpected validation error: {type(error).__name__}: {error}",
                          keep_payload=False)
             return
-        self.ledger.clear(digest)
         if self._retry(lambda: self.store.put_face(face), f"face {face.face_id} from {face.device_id}"):
             self.runtime.count("stored")
             self.runtime.observe("latency_ms", time.time() * 1000 - face.captured_ms)
@@ -392,7 +394,45 @@ class Saver:
             self.runtime.count("duplicates")
             log.info("face %s from %s already stored (redelivery)", face.face_id, face.device_id)
 
-    def _validate(self, message: Inbound, digest: str):
+    def _checked(self, message: Inbound):
+        """The validated face, its attempt recorded around the risky step; raise :class:`InvalidFace`.
+
+        A redelivered message goes through its risky step alone (:class:`SoloGate`): if the saver
+        dies then, the crash is charged to that message only, not to the faces beside it.
+        """
+        with self.gate.solo() if message.dup else self.gate.shared():
+            attempts = self._first_attempt(message)
+            try:
+                if attempts > self.max_attempts:
+                    self.runtime.count("poison")
+                    raise InvalidFace(f"a saver or its decoder crashed or timed out on this message "
+                                      f"{attempts - 1} times; not tried again", keep_payload=False)
+                face = self._validate(message, attempts)
+            except Stopped:
+                raise  # not an attempt that ended: the record stays for the next life
+            except Exception:
+                self._clear_record(message)
+                raise
+            self._clear_record(message)
+            return face
+
+    def _clear_record(self, message: Inbound) -> None:
+        if self.ledger.holds_records():  # usually none: then the digest is not even computed
+            self.ledger.clear(message.digest)
+
+    def _first_attempt(self, message: Inbound) -> int:
+        """Which attempt at ``message`` this is, recorded on disk (cleared once validated) if it is a redelivery.
+
+        A first delivery writes no record: if it kills the saver, the broker redelivers it, marked DUP,
+        and the redelivery counts that first delivery as an attempt (``floor=1``) before trying again.
+        So a message that kills every life is still set aside after ``max_attempts`` lives, and the
+        common case, a face seen once, costs no file operations.
+        """
+        if not message.dup:
+            return 1
+        return self.ledger.attempt(message.digest, floor=1)
+
+    def _validate(self, message: Inbound, attempts: int = 1):
         """The face in the message, or :class:`InvalidFace`; decoder crashes count as attempts."""
         face = parse(message.topic, message.payload, message.properties, self.saver.max_bytes,
                      self.config.topic_prefix)
@@ -419,7 +459,7 @@ class Saver:
                 if self.stopping.is_set():
                     raise Stopped() from None  # shutting down, not a crash
                 self.runtime.count("decoder_crashes")
-                attempts = self.ledger.attempt(digest)
+                attempts = self.ledger.attempt(message.digest, floor=attempts)
                 log.warning("decoding a message on %r failed: %s (attempt %d of %d)", message.topic[:128],
                             crash.reason, attempts - 1, self.max_attempts)
                 if attempts > self.max_attempts:
@@ -427,9 +467,10 @@ class Saver:
                     raise InvalidFace(f"crashed or timed out the image decoder {attempts - 1} times "
                                       f"(last: {crash.reason})", keep_payload=False) from None
 
-    def _reject_retained(self, message: Inbound, digest: str) -> None:
+    def _reject_retained(self, message: Inbound) -> None:
         """A retained message on a faces topic: refused, quarantined the first time it is seen."""
         self.runtime.count("retained")
+        digest = message.digest
         with self._retained_lock:
             seen = digest in self._retained
             self._retained[digest] = None
@@ -579,7 +620,8 @@ def run(config: Config, runtime: Runtime) -> None:
         try:
             message = Inbound(topic=_topic(msg), payload=msg.payload, properties=msg.properties,
                                mid=msg.mid, qos=msg.qos, connection=acks.connection,
-                               received_ms=int(time.time() * 1000), retain=bool(msg.retain))
+                               received_ms=int(time.time() * 1000), retain=bool(msg.retain),
+                               dup=bool(msg.dup))
             if len(message.payload) > config.saver.max_bytes:  # not kept in memory while it waits its turn
                 message.oversize, message.payload = len(message.payload), b""
             if not saver.admit(message):

@@ -390,21 +390,46 @@ def store_ceiling(kind: str, concurrency: int, seconds: float, work: Path, endpo
 
 def soak(store: str, devices: int, savers: int, rate: float, seconds: float, work: Path,
          endpoint: str = "") -> dict:
-    """Saver RSS every 5 s over ``seconds`` at ``rate`` per device; slope by least squares (MiB/min)."""
+    """RSS every 5 s over ``seconds`` at ``rate`` per device: of the whole cloud tree and of each saver
+    process (without its decoders); slopes by least squares (MiB/min)."""
     samples: list[tuple[float, int]] = []
+    per_saver: dict[int, list[tuple[float, int]]] = {}
 
     def sample(pid: int, window: float) -> None:
         start = time.monotonic()
         while time.monotonic() - start < window:
-            samples.append((time.monotonic() - start, rss(tree_pids(pid))))
+            now, pids = time.monotonic() - start, tree_pids(pid)
+            samples.append((now, rss(pids)))
+            for saver in _saver_pids(pids):
+                per_saver.setdefault(saver, []).append((now, rss([saver])))
             time.sleep(5.0)
 
     row = run_row(store, devices, savers, rate, seconds, 2.0, work, endpoint, on_window=sample)
-    xs, ys = [s[0] / 60 for s in samples], [s[1] / 2**20 for s in samples]
+    saver_slopes = [slope(series) for series in per_saver.values() if len(series) >= 2]
+    return {"row": row, "first": samples[0][1] / 2**20, "last": samples[-1][1] / 2**20, "samples": len(samples),
+            "slope": slope(samples), "saver_first": [s[0][1] / 2**20 for s in per_saver.values()],
+            "saver_last": [s[-1][1] / 2**20 for s in per_saver.values()], "saver_slopes": saver_slopes}
+
+
+def slope(series: list[tuple[float, int]]) -> float:
+    """MiB per minute, the least-squares line through (seconds, bytes) samples."""
+    xs, ys = [t / 60 for t, _ in series], [b / 2**20 for _, b in series]
     mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
     denominator = sum((x - mean_x) ** 2 for x in xs) or 1.0
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / denominator
-    return {"row": row, "first": ys[0], "last": ys[-1], "samples": len(ys), "slope": slope}
+    return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / denominator
+
+
+def _saver_pids(pids: list[int]) -> list[int]:
+    """The savers among a cloud tree's processes: the parents of decoder processes."""
+    savers = set()
+    for pid in pids:
+        if b"facehub.cloud.decoder" in _cmdline(pid):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                savers.add(int(stat[stat.rindex(")") + 2:].split()[1]))
+            except (OSError, ValueError, IndexError):
+                continue
+    return sorted(savers)
 
 
 # -- the whole section --------------------------------------------------------------------------------
@@ -515,9 +540,12 @@ def print_tables(result: dict) -> None:
         r = s["row"]
         print(f"\n## Saver memory soak ({r.store}, N={r.devices}, K={r.savers}, {r.rate:g} faces/s each, "
               f"{r.seconds:.0f} s)\n")
-        print("| samples | saver RSS first | last | slope | stored faces/s | lost |\n|---|---|---|---|---|---|")
-        print(f"| {s['samples']} | {s['first']:.0f} MiB | {s['last']:.0f} MiB | {s['slope']:+.2f} MiB/min "
-              f"| {r.faces_per_s:.0f} | {r.lost} |")
+        print("| what | samples | RSS first | last | slope | stored faces/s | lost |\n|---|---|---|---|---|---|---|")
+        print(f"| cloud tree (supervisor, savers, decoders) | {s['samples']} | {s['first']:.0f} MiB "
+              f"| {s['last']:.0f} MiB | {s['slope']:+.2f} MiB/min | {r.faces_per_s:.0f} | {r.lost} |")
+        for number, (first, last, each) in enumerate(zip(s["saver_first"], s["saver_last"], s["saver_slopes"])):
+            print(f"| saver {number + 1} (without its decoders) | | {first:.0f} MiB | {last:.0f} MiB "
+                  f"| {each:+.2f} MiB/min | | |")
     rows = result["ceiling"] + result["devices"] + result["paced"]
     print(f"\nfleet rows={len(rows)} lost={sum(r.lost for r in rows)} "
           f"rejected={sum(r.rejected for r in rows)}")
