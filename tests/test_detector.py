@@ -57,16 +57,15 @@ def start_detector(config: Config, runtime: Runtime) -> threading.Thread:
     return thread
 
 
-@pytest.mark.parametrize(("fps", "backend", "background"), [(0.0, "haar", False), (30.0, "haar", False),
-                                                         (30.0, "yunet", True)],
-                         ids=["flat-out", "paced-haar", "paced-yunet"])
-def test_sample_clip_faces_reach_a_subscriber(broker, tmp_path, fps, backend, background):
-    """Read flat out the search runs inline; paced like a camera, YuNet's runs in the background, Haar's inline."""
+@pytest.mark.parametrize(("fps", "search"), [(0.0, "auto"), (30.0, "auto"), (30.0, "background")],
+                         ids=["flat-out", "paced", "paced-background"])
+def test_sample_clip_faces_reach_a_subscriber(broker, tmp_path, fps, search):
+    """Read flat out or paced like a camera, the search runs inline by default; in the background when asked."""
+    background = search == "background"
     subscriber = Subscriber(broker.port)
     try:
         assert subscriber.subscribed.wait(10)
-        model = {"model_path": str(YUNET_MODEL)} if backend == "yunet" else {}
-        config = detector_config(broker.port, fps=fps, backend=backend, **model)
+        config = detector_config(broker.port, fps=fps, search=search)
         assert detector.search_in_background(config.detector) is background
         runtime = Runtime("detector", state_dir=tmp_path)
         detector.run(config, runtime)  # a file that is not looped: returns once its faces are sent
@@ -78,8 +77,8 @@ def test_sample_clip_faces_reach_a_subscriber(broker, tmp_path, fps, backend, ba
     # paced like a camera, a frame the detector is late for is skipped (and counted), as a camera would drop it
     assert stats["frames"] + stats["frames_skipped"] == 120 and stats["source_errors"] == 0
     assert len(subscriber.messages) == stats["faces_published"]
-    if not background:  # read flat out every frame is searched or followed on any machine; paced, how many
-        # faces a background search finds before the clip ends depends on the machine's speed
+    if fps == 0:  # read flat out every frame is searched or followed on any machine; paced, how many faces
+        # are found before the clip ends depends on the machine's speed (frames it is late for are skipped)
         assert stats["faces_published"] >= 5
         assert stats["faces_suppressed"] > stats["faces_published"], "a face in view is not sent every frame"
     assert stats["faces_detected"] == stats["faces_published"] + stats["faces_suppressed"] + stats["faces_dropped"]
@@ -96,7 +95,7 @@ def test_sample_clip_faces_reach_a_subscriber(broker, tmp_path, fps, backend, ba
         assert face.track is not None and 1 <= face.frame <= 120
     saved = json.loads((tmp_path / "detector.stats.json").read_text())
     assert saved["counters"]["faces_published"] == stats["faces_published"]
-    if not background:
+    if fps == 0:
         assert len({face.track for face in faces}) >= 2, "the face leaves and comes back: two tracks"
         assert saved["percentiles"]["publish_latency_ms"]
         assert saved["percentiles"]["search_ms"]["count"] == 120 // 15, "every full search is timed"
@@ -264,21 +263,14 @@ def test_background_search_finds_the_face_and_crops_the_newest_frame(backend):
     assert len({face.track for face in sent}) == 2 and len(sent) >= 4
 
 
-def test_search_mode_follows_the_source():
+def test_search_runs_inline_unless_asked_for_the_background():
     config = Config().detector
-    config.source = str(SAMPLE_CLIP)
-    assert not detector.search_in_background(config), "a file read flat out: inline, reproducible"
-    config.fps = 15
-    config.backend, config.model_path = "yunet", str(YUNET_MODEL)
-    assert detector.search_in_background(config), "a file paced like a camera, YuNet"
-    config.source, config.fps = "0", 0
-    assert detector.search_in_background(config), "a camera, YuNet"
-    config.backend = "haar"
-    assert not detector.search_in_background(config), "a camera, Haar: its slow search runs on the newest frame"
+    for source, fps, backend in [(str(SAMPLE_CLIP), 0, "haar"), (str(SAMPLE_CLIP), 15, "haar"), ("0", 0, "haar"),
+                                 ("0", 0, "yunet")]:
+        config.source, config.fps, config.backend = source, fps, backend
+        assert not detector.search_in_background(config), (source, fps, backend)
     config.search = "background"
-    assert detector.search_in_background(config), "as configured"
-    config.backend, config.search = "yunet", "inline"
-    assert not detector.search_in_background(config)
+    assert detector.search_in_background(config)
 
 
 def test_every_detection_is_sent_when_dedup_is_off():

@@ -118,9 +118,9 @@ class DetectorConfig:
     interval, "first" refreshes once per interval); a track ends when unseen
     for ``track_timeout`` seconds. ``search``: where the full search runs
     ("background" on its own thread while every frame follows the tracked
-    faces, "inline" on the frame itself, "auto" = background for YuNet on live
-    or paced sources, inline for Haar and for a file read as fast as possible:
-    see ``search_in_background`` in facehub/edge/detection/finder.py).
+    faces, "inline" on the frame itself; "auto" = inline, the better of the
+    two on a slow CPU: see ``search_in_background`` in
+    facehub/edge/detection/finder.py).
     """
 
     # camera index or /dev/videoN, video file, rtsp:// or http:// URL, GStreamer pipeline, or 'sample'
