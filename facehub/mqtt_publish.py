@@ -26,7 +26,8 @@ from paho.mqtt.properties import Properties
 
 CONTENT_TYPE = 3
 USER_PROPERTY = 38
-_paho_decode_publish = _packet.decode_publish
+# paho's own reader, even if this module is loaded again after install()
+_paho_decode_publish = getattr(_packet.decode_publish, "paho_reader", _packet.decode_publish)
 _EMPTY = Properties(PacketTypes.PUBLISH)  # what a new PUBLISH Properties holds: constant tables, read only
 
 
@@ -46,6 +47,7 @@ def decode_publish(header: int, packet: bytes | bytearray, protocol: MQTTProtoco
 
 def install() -> None:
     """Make paho's client read PUBLISH packets with :func:`decode_publish` (idempotent)."""
+    decode_publish.paho_reader = _paho_decode_publish
     _packet.decode_publish = decode_publish
 
 

@@ -26,10 +26,10 @@ HAAR = DetectorConfig(backend="haar")  # the built-in defaults where no YuNet mo
 
 
 def test_default_haar_settings_recall_and_precision(shared_faces):
-    """All 18 faces as they are: well past the typical settings' 9, with no false box."""
+    """The 18 faces as they are: at least 13 found (the typical settings find 9), at precision 0.95 or more."""
     hits, false, total = score(make_backend(HAAR), shared_faces)
     recall, precision = hits / total, hits / (hits + false)
-    assert recall >= 0.7 and precision >= 0.95, f"recall {recall:.2f}, precision {precision:.2f}"
+    assert hits >= 13 and precision >= 0.95, f"recall {recall:.2f}, precision {precision:.2f}"
 
 
 def test_default_haar_settings_on_the_held_back_photos(shared_faces):

@@ -95,8 +95,7 @@ def test_a_floor_counts_attempts_that_left_no_record(tmp_path):
     assert ledger.attempt(digest, floor=1) == 2  # a redelivery: its first delivery wrote nothing
     assert ledger.attempt(digest, floor=1) == 3  # the record counts more than the floor
     assert ledger.attempt(digest, floor=5) == 6
-    other = PoisonLedger(tmp_path / "attempts")
-    other.clear(digest)  # another life's record is left to the life that wrote it
+    ledger.clear(message_digest("faces/cam-2", b"payload", None))  # a message it holds no record of
     assert ledger.attempts(digest) == 6
 
 
@@ -130,7 +129,8 @@ def test_a_suspect_goes_through_the_gate_alone(tmp_path):
     wait_for(lambda: gate._waiting == 1, 10, message="the suspect waiting")
     threads.append(threading.Thread(target=late_first_delivery))
     threads[2].start()
-    time.sleep(0.05)
+    # the late first delivery is blocked behind the waiting suspect: it joins the condition's waiters
+    wait_for(lambda: len(gate._cond._waiters) == 2, 10, message="the late delivery waiting")
     assert events == ["shared in"]  # the suspect waits for the one inside; the late one waits behind it
     release.set()
     for thread in threads:
@@ -162,3 +162,17 @@ def test_the_savers_bounds_are_checked():
     for settings, key in bad:
         with pytest.raises(ConfigError, match=key):
             Config(**settings).validate()
+
+
+def test_a_record_left_by_an_earlier_life_is_inherited_and_counted(tmp_path):
+    """A broker may hand a message over again without DUP (after its restart, or to another saver of the
+    shared subscription): the record an earlier life left still counts, and clearing it removes the file."""
+    earlier = PoisonLedger(tmp_path)
+    assert earlier.attempt("abc", floor=1) == 2 and not earlier.inherited
+    later = PoisonLedger(tmp_path)
+    assert later.inherited == {"abc"} and later.holds_records()
+    assert later.attempt("abc") == 3 and "abc" not in later.inherited
+    later.clear("abc")
+    assert not (tmp_path / "abc").exists() and not later.holds_records()
+    third = PoisonLedger(tmp_path)
+    assert not third.inherited

@@ -315,6 +315,7 @@ def worker_main(memory: int) -> int:
         cv2.imdecode(cv2.imencode(ext, sample)[1], cv2.IMREAD_GRAYSCALE)
     limit = _vm_size() + memory
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    _captured(capture.fileno())  # what loading printed is no image's fault: the first decode starts clean
     _reply(proto_out, {"ready": True, "pid": os.getpid(), "limit": limit})
     while True:
         header = _read_exact(proto_in, REQUEST.size)

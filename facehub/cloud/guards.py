@@ -62,17 +62,23 @@ class PoisonLedger:
     more attempt. Records are only written for redeliveries and after a decoder
     crash: writing, renaming and removing a file for every face cost a sixth of a
     saver's CPU, and a first delivery that kills the saver is counted by its
-    redelivery (MQTT requires the broker to mark it DUP) all the same. If the folder cannot be written the ledger logs once and
-    turns itself off: it must never be what stops faces from being stored.
+    redelivery (MQTT requires the broker to mark it DUP) all the same; a record
+    an earlier life left counts even without DUP. If the folder cannot be written
+    the ledger logs once and turns itself off: it must never be what stops faces
+    from being stored.
     """
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
         self.enabled = True
         self._written: set[str] = set()  # digests this life has a record for; set.add/discard are atomic
+        # records left by earlier lives: a message the broker hands over again without DUP (after its own
+        # restart, or to another member of the shared subscription) still counts what they saw
+        self.inherited: set[str] = set()
         try:
             self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._expire()
+            self.inherited = {path.name for path in self.folder.iterdir() if not path.name.startswith(".")}
         except OSError as error:
             self._disable(error)
 
@@ -96,6 +102,7 @@ class PoisonLedger:
             tmp.write_text(str(attempts))
             os.replace(tmp, path)
             self._written.add(digest)
+            self.inherited.discard(digest)
         except OSError as error:
             self._disable(error)
         return attempts
@@ -109,14 +116,15 @@ class PoisonLedger:
             return 0
 
     def holds_records(self) -> bool:
-        """Whether this life has written a record not yet cleared (usually not: a first delivery writes none)."""
-        return bool(self._written)
+        """Whether a record not yet cleared may exist (usually not: a first delivery writes none)."""
+        return bool(self._written or self.inherited)
 
     def clear(self, digest: str) -> None:
-        """Remove the message's record, if this life wrote one (otherwise there is nothing to remove)."""
-        if not self.enabled or digest not in self._written:
+        """Remove the message's record, if this life wrote it or found it at start (else there is none)."""
+        if not self.enabled or (digest not in self._written and digest not in self.inherited):
             return
         self._written.discard(digest)
+        self.inherited.discard(digest)
         try:
             (self.folder / digest).unlink(missing_ok=True)
         except OSError as error:

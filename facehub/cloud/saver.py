@@ -401,7 +401,7 @@ class Saver:
         dies then, the crash is charged to that message only, not to the faces beside it.
         """
         with self.gate.solo() if message.dup else self.gate.shared():
-            attempts = self._first_attempt(message)
+            attempts = self._attempt_number(message)
             try:
                 if attempts > self.max_attempts:
                     self.runtime.count("poison")
@@ -420,7 +420,7 @@ class Saver:
         if self.ledger.holds_records():  # usually none: then the digest is not even computed
             self.ledger.clear(message.digest)
 
-    def _first_attempt(self, message: Inbound) -> int:
+    def _attempt_number(self, message: Inbound) -> int:
         """Which attempt at ``message`` this is, recorded on disk (cleared once validated) if it is a redelivery.
 
         A first delivery writes no record: if it kills the saver, the broker redelivers it, marked DUP,
@@ -428,9 +428,13 @@ class Saver:
         So a message that kills every life is still set aside after ``max_attempts`` lives, and the
         common case, a face seen once, costs no file operations.
         """
-        if not message.dup:
-            return 1
-        return self.ledger.attempt(message.digest, floor=1)
+        if message.dup:
+            return self.ledger.attempt(message.digest, floor=1)
+        if self.ledger.inherited and message.digest in self.ledger.inherited:
+            # an earlier life left a record but the broker did not mark it DUP (a broker restart, or a
+            # broker that hands a shared-subscription message to another saver): count what it saw
+            return self.ledger.attempt(message.digest)
+        return 1
 
     def _validate(self, message: Inbound, attempts: int = 1):
         """The face in the message, or :class:`InvalidFace`; decoder crashes count as attempts."""

@@ -48,10 +48,11 @@ class FaceFinder:
     The full search is the expensive part (tens of milliseconds a frame), and
     it can run in two places:
 
-    * *inline*: on every ``detect_every``-th frame itself, which then waits for
-      it: the same faces however fast frames come, the right thing for a file
-      read as fast as possible;
-    * *background*: on a thread of its own (OpenCV releases the GIL, so it runs
+    * *inline* (the default): on every ``detect_every``-th frame itself, which
+      then waits for it; frames a camera delivers meanwhile are skipped. Its
+      faces are cut from the frame searched, at once, and a file read flat out
+      gives the same faces on any machine;
+    * *background* (on request): on a thread of its own (OpenCV releases the GIL, so it runs
       on another core when there is one) while every frame only follows the
       tracked faces. When a search ends, the faces it found that are not
       tracked yet are carried through the frames seen meanwhile (a
