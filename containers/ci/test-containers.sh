@@ -185,6 +185,10 @@ health_out=$(podman run --rm --no-healthcheck "$image" health 2>&1) && health_rc
 check "facehub health says unhealthy (1) with no supervisor running: $health_out" test "$health_rc" = 1
 
 # 3. The cloud: Ansible's cloud play against podman's Docker API.
+local_inventory() {  # the start of an inventory whose hosts are this machine, played with the test venv
+    printf 'all:\n  vars:\n    ansible_connection: local\n    ansible_python_interpreter: %s/bin/python\n' "$venv"
+    printf '    ansible_become: false\n  children:\n'
+}
 free_port() { "$venv/bin/python" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 cloud_port=$(free_port)
 edge_port=$(free_port)
@@ -202,13 +206,7 @@ service_pid=$!
 export DOCKER_HOST=unix://$work/podman.sock
 poll "podman's Docker API on $DOCKER_HOST" 30 test -S "$work/podman.sock"
 
-cat > "$work/inventory.yml" <<EOF
-all:
-  vars:
-    ansible_connection: local
-    ansible_python_interpreter: $venv/bin/python
-    ansible_become: false
-  children:
+{ local_inventory; cat <<EOF
     cloud:
       hosts:
         cloud-ci:
@@ -267,6 +265,7 @@ all:
           facehub_edge_spool_size: 256Mi
           facehub_edge_metrics_port: $edge_metrics_port
 EOF
+} > "$work/inventory.yml"
 chmod 0600 "$work/inventory.yml"
 
 t0=$(date +%s)
@@ -362,13 +361,7 @@ for pod in $(podman pod ps --format '{{.Name}}' | grep -E '^facehub-(edge|mosqui
     podman pod rm -f -t 5 "$pod" >/dev/null
 done
 t0=$(date +%s)
-cat > "$work/fleet-inventory.yml" <<EOF
-all:
-  vars:
-    ansible_connection: local
-    ansible_python_interpreter: $venv/bin/python
-    ansible_become: false
-  children:
+{ local_inventory; cat <<EOF
     edge:
       vars:
         facehub_edge_k3s_layout: daemonset
@@ -392,6 +385,7 @@ all:
         $fleet_node:
           facehub_edge_cloud_password: "$fleet_node_password"
 EOF
+} > "$work/fleet-inventory.yml"
 chmod 0600 "$work/fleet-inventory.yml"
 "$venv/bin/ansible-playbook" -i "$work/fleet-inventory.yml" "$root/ansible/edge.yml" --tags facehub_edge \
     -e facehub_edge_yunet_fetch=false "${extra_vars[@]}" > "$work/fleet-play.log" 2>&1 ||
