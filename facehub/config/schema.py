@@ -102,8 +102,9 @@ class DetectorConfig:
     (``model_path``, or where the image and the edge role put it), Haar
     otherwise; ``facehub config check`` and the detector's first log line say
     which runs and why. Haar (see facehub/edge/detection/haar.py): proposals
-    from ``cascade`` at ``scale_factor``/``min_neighbors``, each confirmed by
-    ``verify_cascade`` firing at least ``verify_hits`` times (0 = off), and
+    from ``cascade`` at ``scale_factor`` (``still_scale_factor`` for a single
+    image)/``min_neighbors``, each confirmed by the ``verify_cascades``
+    agreeing at least ``verify_score`` (0 = off), and
     by a middle with some contrast (``min_contrast``: dark or flat patches
     fire both cascades once contrast-equalised, a face has features).
     ``min_size`` is in pixels of the detection image (frames are shrunk to
@@ -133,12 +134,16 @@ class DetectorConfig:
     # 'auto' (YuNet when its model file is there, else Haar), 'haar' (OpenCV's bundled cascades) or 'yunet'
     backend: str = "auto"
     cascade: str = "haarcascade_frontalface_default.xml"  # Haar cascade that proposes faces
-    verify_cascade: str = "haarcascade_frontalface_alt.xml"  # Haar cascade that must confirm each proposal
-    verify_hits: int = 5  # confirmations a proposal needs (0 = no verification)
+    # Haar cascades that must agree on each proposal (comma-separated)
+    verify_cascades: str = ("haarcascade_frontalface_default.xml,haarcascade_frontalface_alt.xml,"
+                            "haarcascade_frontalface_alt2.xml")
+    # Haar: agreement a proposal needs, the geometric mean of (1 + hits) of verify_cascades (0 = no verification)
+    verify_score: float = 22.0
     # Haar: a box whose middle is flatter than this (grey standard deviation, 0-255) is not a face (0 = off)
     min_contrast: float = 10.0
     model_path: str = ""  # YuNet ONNX model file (empty: /opt/facehub/models/face_detection_yunet_2023mar.onnx)
-    scale_factor: float = 1.2  # Haar image pyramid step
+    scale_factor: float = 1.2  # Haar image pyramid step for camera frames
+    still_scale_factor: float = 1.05  # Haar image pyramid step for a single image (facehub detect), searched once
     min_neighbors: int = 2  # Haar overlapping detections a face needs
     min_size: int = 20  # smallest face, in pixels of the detection image
     detect_width: int = 640  # frames wider than this are shrunk for detection (0 = full size)
@@ -147,7 +152,7 @@ class DetectorConfig:
     nms_threshold: float = 0.3  # YuNet non-maximum suppression overlap
     margin: float = 0.2  # margin around the box in the crop, as a share of the box size
     jpeg_quality: int = 90  # JPEG quality of the crops
-    detect_every: int = 15  # a full search every N frames; the frames between only follow tracked faces
+    detect_every: int = 8  # a full search every N frames; the frames between only follow tracked faces
     search: str = "auto"  # where the full search runs: 'auto', 'background' or 'inline'
     dedup_interval: float = 1.0  # seconds between two crops of one face (0 = every detection)
     dedup_policy: str = "better"  # which crops of a face are sent: 'better', 'largest' or 'first'
@@ -180,7 +185,8 @@ class DetectorConfig:
                f"file not found: {self.model_path}")
         _check(self.scale_factor > 1.0, f"{section}.scale_factor", "must be > 1.0")
         _check(self.min_neighbors >= 0, f"{section}.min_neighbors", "must be >= 0")
-        _check(self.verify_hits >= 0, f"{section}.verify_hits", "must be >= 0 (0 = no verification)")
+        _check(self.still_scale_factor > 1.0, f"{section}.still_scale_factor", "must be > 1.0")
+        _check(self.verify_score >= 0, f"{section}.verify_score", "must be >= 0 (0 = no verification)")
         _check(self.min_size >= 1, f"{section}.min_size", "must be >= 1")
         _check(0 <= self.min_contrast < 128, f"{section}.min_contrast", "must be between 0 and 128")
         _check(self.detect_width >= 0, f"{section}.detect_width", "must be >= 0 (0 = full size)")

@@ -269,7 +269,7 @@ def detect_command(config: Config, paths: Sequence[str]) -> int:
             print(json.dumps({"file": path, "error": reason}), flush=True)
             status = 1
             continue
-        faces = backend.detect(image)
+        faces = backend.detect(image, still=True)
         print(json.dumps({"file": path, "faces": [[d.x, d.y, d.w, d.h] for d in faces]}), flush=True)
     return status
 

@@ -220,10 +220,11 @@ def bench_quality(config, args) -> None:
         return
     haar = dataclasses.replace(config.detector, backend="haar")
     rows = [("typical: Haar detectMultiScale(gray, 1.3, 5)", baseline.TypicalDetector().detect),
-            ("facehub: haar (configured settings)", make_backend(haar).detect)]
+            ("facehub: haar (configured settings, a still image)", quality.still(make_backend(haar))),
+            ("facehub: haar, searched as a camera frame", make_backend(haar).detect)]
     if args.model.is_file():
-        rows.append(("facehub: yunet", make_backend(dataclasses.replace(
-            config.detector, backend="yunet", model_path=str(args.model))).detect))
+        rows.append(("facehub: yunet", quality.still(make_backend(dataclasses.replace(
+            config.detector, backend="yunet", model_path=str(args.model))))))
     print(f"\n## Detection quality ({args.faces}, match at IoU >= {quality.MATCH_IOU})\n")
     print("All photos as they are, then each split (the defaults were chosen on the tuned photos only) with its "
           "half of dogs.jpg, as is and in 8 variants (as is, x0.8, x1.3, darker, brighter, noise, blur, JPEG q30).\n")

@@ -14,6 +14,7 @@ chosen for four clean photos.
 
 from __future__ import annotations
 
+import functools
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,11 @@ class Score:
     def precision(self) -> float:
         found = self.hits + self.false
         return self.hits / found if found else 1.0
+
+
+def still(backend) -> Callable:
+    """``backend.detect`` for single images: photos are searched once, as ``facehub detect`` does."""
+    return functools.partial(backend.detect, still=True)
 
 
 def labelled_photos(folder: Path) -> dict[str, list[tuple[int, int, int, int]]]:

@@ -78,11 +78,20 @@ class Backend:
             return min(self.upscale, target / width) if target else self.upscale
         return 1.0
 
-    def detect(self, frame: np.ndarray) -> list[Detection]:
-        """Every face in ``frame``, boxes in frame pixels."""
+    def find_all(self, image: np.ndarray, still: bool) -> list[tuple]:
+        """Candidates in a whole image; ``still`` asks for a finer search where the backend has one."""
+        return self.find(image)
+
+    def detect(self, frame: np.ndarray, still: bool = False) -> list[Detection]:
+        """Every face in ``frame``, boxes in frame pixels.
+
+        ``still``: ``frame`` is a single image (a photo), searched once, so a
+        backend may search it more finely than a camera frame, whose faces are
+        searched for again a few frames later.
+        """
         factor = self.factor_for(frame.shape[1])
         image = self.prepare(frame, factor)
-        boxes = self.accept(image, self.find(image))
+        boxes = self.accept(image, self.find_all(image, still))
         return self.to_frame(boxes, factor, frame.shape)
 
     def follow(self, frame: np.ndarray, boxes: Sequence[Sequence[int]]) -> list[Detection]:
