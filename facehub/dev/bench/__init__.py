@@ -220,7 +220,7 @@ def bench_quality(config, args) -> None:
         return
     haar = dataclasses.replace(config.detector, backend="haar")
     rows = [("typical: Haar detectMultiScale(gray, 1.3, 5)", baseline.TypicalDetector().detect),
-            ("facehub: haar (configured settings, a still image)", quality.still(make_backend(haar))),
+            ("facehub: haar, searched as a still image", quality.still(make_backend(haar))),
             ("facehub: haar, searched as a camera frame", make_backend(haar).detect)]
     if args.model.is_file():
         rows.append(("facehub: yunet", quality.still(make_backend(dataclasses.replace(
@@ -279,9 +279,12 @@ def bench_motion(config, args) -> int:
 
 
 def short_name(row: str) -> str:
-    """'facehub: yunet' -> 'yunet', 'typical: Haar ...' -> 'typical'."""
+    """'facehub: yunet' -> 'yunet', 'facehub: haar, searched as ...' -> 'haar (searched as ...)', 'typical: ...' -> 'typical'."""
     kind, _, detail = row.partition(": ")
-    return kind if kind == "typical" else detail.split(" ")[0]
+    if kind == "typical":
+        return kind
+    name, _, how = detail.partition(", ")
+    return f"{name.split(' ')[0]} ({how})" if how else name.split(" ")[0]
 
 
 def bench_console(folder_faces: int, s3_faces: int) -> None:

@@ -35,7 +35,7 @@ to 24 keeps recall >= 0.92 at precision >= 0.95.
 
 Before either, a proposal whose middle is nearly flat (grey standard
 deviation under ``min_contrast``) is dropped: a dark corner or a plain wall,
-once the verifier equalises its histogram, is noise both cascades can read as
+once the verifier equalises its histogram, is noise the cascades can read as
 a face; a face, even badly lit, has eyes, nose and mouth that stand out. On
 the labelled photos and the motion clips this removed most false boxes of the
 tuned half and cost no face in either half.
