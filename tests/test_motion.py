@@ -37,7 +37,7 @@ def test_a_face_found_by_a_search_frames_ago_is_cut_where_it_is_now(shared_faces
     """The search of frame 0 ends while frame 15 is at hand, the camera panning 5 px a frame: each face it
     found has moved 75 px. Every crop published must sit on a face's true box in the crop's own frame."""
     # every detection is published, from the first: every box is checked
-    cfg = DetectorConfig(backend="haar", dedup_interval=0.0, confirm_frames=1)
+    cfg = DetectorConfig(backend="haar", dedup_interval=0.0, confirm_frames=1, detect_every=15)  # the scenario above
     if backend == "yunet":
         assert YUNET_MODEL.is_file(), f"the shared YuNet model is missing: {YUNET_MODEL}"
         cfg.backend, cfg.model_path = "yunet", str(YUNET_MODEL)

@@ -243,6 +243,9 @@ def bench_quality(config, args) -> None:
         image = cv2.imread(str(dogs))
         print("\nfalse faces on dogs.jpg: " + ", ".join(f"{short_name(name)} {len(detect(image))}"
                                                          for name, detect in rows))
+    from facehub.dev.bench import verification
+
+    verification.main(args.faces, haar)
 
 
 def bench_motion(config, args) -> int:
