@@ -63,13 +63,15 @@ def test_a_face_found_by_a_search_frames_ago_is_cut_where_it_is_now(shared_faces
     for face in published:
         truth = truth_in(clip, face.frame)
         best = max(iou(face.box, box) for box in truth)
-        if backend == "yunet":
-            assert best >= MATCH_IOU, f"crop {face.box} of frame {face.frame} is not on a face ({best:.2f})"
-        else:  # Haar may also fire on clutter, but never cuts a face at a stale place: its centre is on the face
-            # (Haar's box of a face is looser than the labels' tight one: IoU alone would call a centred box off)
-            x, y, w, h = face.box
-            centred = any(bx <= x + w / 2 <= bx + bw and by <= y + h / 2 <= by + bh for bx, by, bw, bh in truth)
-            assert best >= MATCH_IOU or centred or not any(intersection(face.box, box) for box in truth), \
+        # never cut a face at a stale place: the crop's centre is on the face (a box 75 px behind is not). The
+        # detectors' boxes are looser than the labels' tight ones, so IoU alone would call a centred box off.
+        x, y, w, h = face.box
+        centred = any(bx <= x + w / 2 <= bx + bw and by <= y + h / 2 <= by + bh for bx, by, bw, bh in truth)
+        on_a_face = best >= MATCH_IOU or centred
+        if backend == "yunet":  # YuNet does not fire on this clip's clutter: every crop is a face
+            assert on_a_face, f"crop {face.box} of frame {face.frame} is not on a face (IoU {best:.2f})"
+        else:  # Haar may also fire on clutter, away from every face
+            assert on_a_face or not any(intersection(face.box, box) for box in truth), \
                 f"crop {face.box} of frame {face.frame} cuts a face off-centre (IoU {best:.2f})"
 
 

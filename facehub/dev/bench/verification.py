@@ -5,11 +5,12 @@ split's photos in their 8 variants, and of frames of its motion clips, is
 labelled a face or not (IoU >= 0.4 with a true box) and described by each
 verifying cascade's hits (:meth:`HaarBackend.hit_counts`). A logistic
 regression on ``log(1 + hits)`` of the tuned proposals gives each cascade a
-weight; with nearly equal weights the boundary is a geometric mean of
-``(1 + hits)``, which is what :meth:`HaarBackend.agreement` computes. Then each
+weight; its boundary, with the weights averaged, is a geometric mean of
+``(1 + hits)``, the score :meth:`HaarBackend.agreement` computes. Then each
 threshold near it is scored on the photos of both splits, with the same
-one-to-one matching as ``facehub bench quality``: the held-back rows say
-whether the choice carries over.
+one-to-one matching as ``facehub bench quality``. On the tuned half the
+scores of thresholds 18-28 are nearly alike, so the held-back rows chose the
+default among them (and are a validation score for it, not an untouched one).
 """
 
 from __future__ import annotations
